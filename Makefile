@@ -1,0 +1,44 @@
+# Two commands do all the set-up on a fresh machine:
+#   make run    create .venv if missing, then run the default workflow (embedlens-mini)
+#   make test   the same set-up, then the test suite
+# Both are idempotent: the environment is rebuilt only when pyproject.toml changes.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+STAMP  := $(VENV)/.installed
+# A CPU wheel of this version is on the project machines; install it *first* so no
+# other package pulls an unpinned torch (several GB of CUDA packages).
+TORCH  ?= torch==2.13.0
+CORES  ?= all
+SNAKEMAKE_ARGS ?=
+
+# Offline by design: nothing is fetched from a model hub at run time.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: env run test lint dry-run clean-results
+
+$(STAMP): pyproject.toml
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q "$(TORCH)"
+	$(VENV)/bin/python -m pip install -q -e ".[test]"
+	@touch $(STAMP)
+
+env: $(STAMP)
+
+run: env
+	snakemake --cores $(CORES) --printshellcmds $(SNAKEMAKE_ARGS)
+
+dry-run: env
+	snakemake -n $(SNAKEMAKE_ARGS)
+
+lint: env
+	snakemake --lint
+
+test: env
+	python -m pytest $(PYTEST_ARGS)
+
+clean-results:
+	rm -rf results logs .snakemake

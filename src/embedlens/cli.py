@@ -1,0 +1,208 @@
+"""``embedlens <step>``: every workflow step as a plain command.
+
+Snakemake rules call these; a user can run, debug and test any step without Snakemake.
+Heavy imports (torch, transformers) happen inside the step that needs them, so
+``embedlens --help`` and config validation stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def _json_arg(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
+
+
+# ---------------------------------------------------------------------- steps
+def cmd_validate_config(args) -> int:
+    from .config import load_config
+
+    cfg = load_config(args.config)
+    pairs = [(m, d) for m, e in cfg["models"].items() for d in e["datasets"]]
+    print(f"{args.config}: valid; {len(cfg['models'])} model(s), {len(cfg['datasets'])} "
+          f"data set(s), {len(pairs)} model x data-set pair(s)")
+    return 0
+
+
+def cmd_materialize(args) -> int:
+    from .datasets import materialize
+
+    out = materialize(args.name, args.spec, args.out, on_bad_image=args.on_bad_image)
+    meta = json.loads((Path(out) / "dataset.json").read_text())
+    print(f"{out}: {meta['n_images']} images, {len(meta.get('vqa', []))} VQA items, "
+          f"{len(meta.get('bad_images', []))} skipped")
+    return 0
+
+
+def cmd_export_vocab(args) -> int:
+    from .models.adapter import VLMAdapter
+    from .store import write_vocab
+
+    adapter = VLMAdapter.load(args.model_dir, dtype="float32", device="cpu",
+                              trust_remote_code=args.trust_remote_code)
+    emb = adapter.embedding_matrix().float().cpu().numpy()
+    write_vocab(args.out, emb, adapter.token_strings(), adapter.special_token_ids(),
+                {"model": args.model_name, "model_path": str(args.model_dir),
+                 **{f"model_{k}": v for k, v in adapter.describe().items()}})
+    print(f"{args.out}: vocabulary {emb.shape[0]} x {emb.shape[1]}")
+    return 0
+
+
+def cmd_extract(args) -> int:
+    from .extract import ExtractSettings, extract_shard
+
+    s = args.settings
+    settings = ExtractSettings(layers=s.get("layers", "all"),
+                               vision_layers=tuple(s.get("vision_layers", [-1])),
+                               compute_dtype=s.get("compute_dtype", "float32"),
+                               store_dtype=s.get("store_dtype", "float16"),
+                               prompt=s.get("prompt", "Describe the image."),
+                               device=args.device, batch_size=args.batch_size)
+    out = extract_shard(args.model_dir, args.dataset_dir, args.out, start=args.start,
+                        stop=args.stop, settings=settings, model_name=args.model_name,
+                        trust_remote_code=args.trust_remote_code,
+                        progress=not args.no_progress)
+    print(f"{out}: done")
+    return 0
+
+
+def cmd_index_hidden(args) -> int:
+    from .store import open_hidden
+
+    ds = open_hidden(args.shards)
+    index = {"shards": [str(p) for p in sorted(args.shards)],
+             "n_images": int(ds.sizes["image"]), "layers": [int(x) for x in ds["layer"].values],
+             "max_tokens": int(ds.sizes["token"]),
+             "model": ds.attrs.get("model"), "settings_hash": ds.attrs.get("settings_hash")}
+    Path(args.out).write_text(json.dumps(index, indent=2))
+    print(json.dumps(index, indent=2))
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .store import open_hidden
+
+    paths = args.paths
+    if len(paths) == 1 and paths[0].endswith(".json"):
+        paths = json.loads(Path(paths[0]).read_text())["shards"]
+    print(open_hidden(paths))
+    return 0
+
+
+def cmd_build_mini(args) -> int:
+    from .mini.build import build_mini
+
+    out = build_mini(args.out, args.wheels, projector_path=args.projector)
+    print(f"{out}: built")
+    return 0
+
+
+def cmd_train_projector(args) -> int:
+    from .mini.train import train_projector
+
+    train_projector(args.model_dir, args.out, steps=args.steps, seed=args.seed,
+                    batch_size=args.batch_size)
+    return 0
+
+
+def cmd_eval_model(args) -> int:
+    from .mini.evaluate import evaluate_model
+
+    evaluate_model(args.model_dir, n_items=args.n_items, seed=args.seed, out_json=args.out)
+    return 0
+
+
+# ---------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="embedlens", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="step", required=True, metavar="<step>")
+
+    s = sub.add_parser("validate-config", help="validate config.yaml against the schema")
+    s.add_argument("config", nargs="?", default="config.yaml")
+    s.set_defaults(func=cmd_validate_config)
+
+    s = sub.add_parser("materialize", help="write a data set to results/datasets/<name>/")
+    s.add_argument("--name", required=True)
+    s.add_argument("--spec", required=True, type=_json_arg, help="the data set's config entry, JSON")
+    s.add_argument("--on-bad-image", choices=["fail", "skip"], default="fail")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_materialize)
+
+    s = sub.add_parser("export-vocab", help="store a model's input embeddings and token strings")
+    s.add_argument("--model-dir", required=True)
+    s.add_argument("--model-name", required=True)
+    s.add_argument("--trust-remote-code", action="store_true")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_export_vocab)
+
+    s = sub.add_parser("extract", help="extract visual hidden states of an image range into Zarr")
+    s.add_argument("--model-dir", required=True)
+    s.add_argument("--model-name", required=True)
+    s.add_argument("--dataset-dir", required=True)
+    s.add_argument("--start", type=int, default=0)
+    s.add_argument("--stop", type=int, default=10**9)
+    s.add_argument("--settings", type=_json_arg, default={},
+                   help="JSON: layers, vision_layers, compute_dtype, store_dtype, prompt")
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    s.add_argument("--trust-remote-code", action="store_true")
+    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_extract)
+
+    s = sub.add_parser("index-hidden", help="check shards and write the joined store's index")
+    s.add_argument("--out", required=True)
+    s.add_argument("shards", nargs="+")
+    s.set_defaults(func=cmd_index_hidden)
+
+    s = sub.add_parser("info", help="print a store (shards or hidden.json) as xarray sees it")
+    s.add_argument("paths", nargs="+")
+    s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("build-mini", help="build the embedded default model offline")
+    s.add_argument("--out", default="resources/models/embedlens-mini")
+    s.add_argument("--wheels", default="resources/wheels")
+    s.add_argument("--projector", default=None, help="projector weights (default: the committed ones)")
+    s.set_defaults(func=cmd_build_mini)
+
+    s = sub.add_parser("train-projector", help="train embedlens-mini's projector on synthetic captions")
+    s.add_argument("--model-dir", default="resources/models/embedlens-mini")
+    s.add_argument("--out", required=True)
+    s.add_argument("--steps", type=int, default=600)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--batch-size", type=int, default=16)
+    s.set_defaults(func=cmd_train_projector)
+
+    s = sub.add_parser("eval-model", help="score held-out synthetic VQA items")
+    s.add_argument("--model-dir", default="resources/models/embedlens-mini")
+    s.add_argument("--n-items", type=int, default=400)
+    s.add_argument("--seed", type=int, default=12345)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_eval_model)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .config import ConfigError
+
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"embedlens {args.step}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""Load and validate ``config.yaml``.
+
+The same function serves the Snakefile (before any job is planned) and every
+``embedlens`` command, so a bad config fails the same way everywhere: within seconds,
+with the key path named (``models.mini.datasets[1]: ...``).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+# Defaults for every optional key. The README's config reference documents them;
+# tests/test_config.py checks that every default key exists in the schema.
+DEFAULTS: dict[str, Any] = {
+    "on_bad_image": "fail",
+    "extraction": {
+        "layers": "all",
+        "vision_layers": [-1],
+        "compute_dtype": "float32",
+        "store_dtype": "float16",
+        "device": "auto",
+        "batch_size": 8,
+        "shard_size": 64,
+        "prompt": "Describe the image.",
+    },
+    "categorize": {
+        "top_k": 3,
+        "exclude_special": True,
+        "discover_anchors": True,
+        "vit_norm_z": 6.0,
+        "llm_norm_z": 6.0,
+        "llm_sink_layers": [1, 2, 3],
+        "hub_min_share": 0.05,
+        "hub_min_image_share": 0.5,
+        "block_rows": 8192,
+    },
+    "lens": {"top_k": 5, "layers": "all"},
+    "probe": {
+        "layers": "all",
+        "tasks": [],
+        "groups": ["all", "alive", "dead", "sink"],
+        "test_fraction": 0.3,
+        "min_tokens": 20,
+        "bootstrap": 200,
+        "max_iter": 300,
+        "C": 1.0,
+        "seed": 0,
+        "hit_k": 3,
+    },
+    "align": {
+        "layers": "all",
+        "groups": ["all", "alive", "dead", "sink"],
+        "centring": "mean",
+        "extra_words": [],
+        "seed": 0,
+    },
+}
+
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "synthetic": {"n_images": 64, "seed": 0, "image_size": 224, "grid": 8, "p_letter": 0.6},
+    "skimage": {},
+    "folder": {"recursive": False},
+    "manifest": {},
+}
+
+
+class ConfigError(ValueError):
+    """A config problem; the message names the file and the key path."""
+
+
+def schema_path() -> Path:
+    """The JSON schema (YAML-encoded) that config.yaml is validated against."""
+    here = Path(__file__).resolve()
+    # Source checkout: <root>/src/embedlens/config.py -> <root>/workflow/schemas/
+    candidate = here.parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+    if candidate.exists():
+        return candidate
+    return Path(str(resources.files("embedlens") / "config.schema.yaml"))
+
+
+def _key_path(parts) -> str:
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "(top level)"
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    """Turn a jsonschema error into 'key.path: what is wrong'."""
+    path = list(error.absolute_path)
+    if error.validator == "additionalProperties":
+        extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        allowed = ", ".join(sorted(error.schema.get("properties", {})))
+        keys = [_key_path(path + [k]) for k in extra]
+        return f"{', '.join(keys)}: unknown key (allowed here: {allowed})"
+    if error.validator == "oneOf" and isinstance(error.instance, dict) and len(path) == 2:
+        return (f"{_key_path(path)}: give exactly one of 'builtin', 'path' or 'hf_id' "
+                "to say where the model comes from")
+    if error.validator == "type":
+        return f"{_key_path(path)}: {error.instance!r} is not of type {error.validator_value}"
+    if error.validator == "enum":
+        return f"{_key_path(path)}: {error.instance!r} is not one of {error.validator_value}"
+    if error.validator == "required":
+        return f"{_key_path(path)}: {error.message}"
+    return f"{_key_path(path)}: {error.message}"
+
+
+def _best_errors(errors):
+    # Errors inside if/then branches surface as their own leaf errors; report leaves.
+    leaves = []
+    for err in errors:
+        if err.context:
+            leaves.extend(_best_errors(err.context))
+        else:
+            leaves.append(err)
+    return leaves
+
+
+def validate(raw: Any, source: str = "config.yaml") -> None:
+    """Validate a parsed config against the schema and cross-references; raise ConfigError."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping with 'models' and 'datasets'")
+    schema = yaml.safe_load(schema_path().read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(raw), key=lambda e: list(map(str, e.absolute_path)))
+    if errors:
+        messages = []
+        for err in errors:
+            if err.validator == "oneOf" and len(err.absolute_path) == 2:
+                messages.append(_describe(err))
+            else:
+                messages.extend(_describe(e) for e in _best_errors([err]))
+        unique = list(dict.fromkeys(messages))
+        raise ConfigError(f"{source}: invalid configuration:\n  " + "\n  ".join(unique))
+    # Names used but not defined.
+    defined = list(raw["datasets"])
+    for model, entry in raw["models"].items():
+        for i, name in enumerate(entry.get("datasets", [])):
+            if name not in raw["datasets"]:
+                raise ConfigError(
+                    f"{source}: models.{model}.datasets[{i}]: '{name}' is not defined under "
+                    f"'datasets' (defined: {', '.join(defined)}); add it there or fix the name")
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def normalize(raw: dict) -> dict:
+    """Fill defaults: global sections, per-data-set defaults, per-model extraction."""
+    cfg = _merge(DEFAULTS, raw)
+    for name, spec in cfg["datasets"].items():
+        cfg["datasets"][name] = _merge(DATASET_DEFAULTS[spec["source"]], spec)
+    for name, entry in cfg["models"].items():
+        entry.setdefault("datasets", list(cfg["datasets"]))
+        entry.setdefault("trust_remote_code", False)
+        entry["extraction"] = _merge(cfg["extraction"], entry.get("extraction", {}))
+    return cfg
+
+
+def load_config(path: str | Path = "config.yaml") -> dict:
+    """Read, validate and normalize a config file."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    validate(raw, str(path))
+    return normalize(raw)
+
+
+def settings_hash(settings: dict) -> str:
+    """A short stable hash of a settings mapping (recorded in store attributes)."""
+    blob = json.dumps(settings, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

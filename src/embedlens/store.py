@@ -1,0 +1,231 @@
+"""The hidden-state store: the contract between extraction and every analysis.
+
+One Zarr v3 store per extraction shard (a range of images). Arrays carry
+``dimension_names`` so ``xarray.open_zarr`` shows named dimensions without any
+knowledge of this module. A store is written under a temporary name and renamed
+into place only when complete, so an interrupted job never leaves a store that
+looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import xarray as xr
+import zarr
+
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+# A marker array written last: its presence (plus the rename) means "complete".
+COMPLETE_ATTR = "embedlens_complete"
+
+
+class StoreOverflowError(RuntimeError):
+    """Values too large for float16 (massive activations); the caller retries in float32."""
+
+
+@contextmanager
+def atomic_directory(final: str | Path):
+    """Yield a temporary sibling directory; rename it to ``final`` only on success.
+
+    Failure (any exception, or the process being killed) leaves the temporary
+    directory behind under a name no reader looks for; the next attempt removes it.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".{final.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+class ShardWriter:
+    """Write one shard of hidden states image by image.
+
+    The token dimension grows (``resize``) when a later image has more visual
+    tokens than any before it, so dynamic-resolution models need no pre-pass.
+    """
+
+    def __init__(self, path: Path, *, n_images: int, layers: Sequence[int],
+                 vision_layers: Sequence[int], dtype: str, attrs: dict):
+        self.path = Path(path)
+        self.n_images = n_images
+        self.layers = list(layers)
+        self.vision_layers = list(vision_layers)
+        self.dtype = np.dtype(dtype)
+        self.attrs = attrs
+        self.root = zarr.open_group(str(self.path), mode="w", zarr_format=3)
+        self.llm = None
+        self.vision = None
+        self.n_tokens = np.zeros(n_images, dtype=np.int32)
+        self.n_vision_tokens = np.zeros(n_images, dtype=np.int32)
+        self.grid = np.zeros((n_images, 2), dtype=np.int32)
+        self.patch_row: list[np.ndarray] = [None] * n_images
+        self.patch_col: list[np.ndarray] = [None] * n_images
+        self.image_ids: list[str] = [None] * n_images
+
+    def _create(self, name, dims, shape, chunks):
+        return self.root.create_array(
+            name, shape=shape, chunks=chunks, dtype=self.dtype,
+            dimension_names=dims, fill_value=np.nan)
+
+    def _ensure(self, attr, name, dims, n_layers, n_tok, width):
+        arr = getattr(self, attr)
+        if arr is None:
+            # One chunk = one image x one layer: an analysis reading one layer for all
+            # images, or all layers for one image, touches only what it needs.
+            arr = self._create(name, dims, (self.n_images, n_layers, n_tok, width),
+                               (1, 1, n_tok, width))
+            setattr(self, attr, arr)
+        elif n_tok > arr.shape[2]:
+            arr.resize((self.n_images, n_layers, n_tok, width))
+        return arr
+
+    def write(self, index: int, image_id: str, llm: np.ndarray, vision: np.ndarray | None,
+              patch_row: np.ndarray, patch_col: np.ndarray, grid: tuple[int, int]) -> None:
+        """Store one image: ``llm`` (layer, token, dim), ``vision`` (vlayer, vtoken, vdim)."""
+        if self.dtype == np.float16 and np.abs(llm).max(initial=0) > FLOAT16_MAX:
+            raise StoreOverflowError(
+                f"hidden states of image {image_id} exceed the float16 range "
+                f"(max |h| = {np.abs(llm).max():.3g})")
+        n_tok = llm.shape[1]
+        arr = self._ensure("llm", "llm_hidden", ["image", "layer", "token", "dim"],
+                           llm.shape[0], n_tok, llm.shape[2])
+        arr[index, :, :n_tok, :] = llm.astype(self.dtype)
+        if vision is not None:
+            if self.dtype == np.float16 and np.abs(vision).max(initial=0) > FLOAT16_MAX:
+                raise StoreOverflowError(f"vision hidden states of image {image_id} overflow float16")
+            varr = self._ensure("vision", "vision_hidden",
+                                ["image", "vision_layer", "vision_token", "vision_dim"],
+                                vision.shape[0], vision.shape[1], vision.shape[2])
+            varr[index, :, :vision.shape[1], :] = vision.astype(self.dtype)
+            self.n_vision_tokens[index] = vision.shape[1]
+        self.n_tokens[index] = n_tok
+        self.grid[index] = grid
+        self.patch_row[index] = np.asarray(patch_row, dtype=np.int32)
+        self.patch_col[index] = np.asarray(patch_col, dtype=np.int32)
+        self.image_ids[index] = image_id
+
+    def _coord(self, name, dims, values, fill=None):
+        values = np.asarray(values)
+        arr = self.root.create_array(name, shape=values.shape, dtype=values.dtype,
+                                     chunks=values.shape or None, dimension_names=dims,
+                                     fill_value=fill)
+        arr[...] = values
+        return arr
+
+    def close(self) -> None:
+        """Write coordinates and attributes; call only after every image is written."""
+        missing = [i for i, v in enumerate(self.image_ids) if v is None]
+        if missing:
+            raise RuntimeError(f"shard incomplete: images {missing[:5]} not written")
+        n_max = int(self.n_tokens.max())
+        rows = np.full((self.n_images, n_max), -1, dtype=np.int32)
+        cols = np.full((self.n_images, n_max), -1, dtype=np.int32)
+        for i in range(self.n_images):
+            rows[i, : self.n_tokens[i]] = self.patch_row[i]
+            cols[i, : self.n_tokens[i]] = self.patch_col[i]
+        valid = np.arange(n_max)[None, :] < self.n_tokens[:, None]
+        self._coord("image_id", ["image"], np.array(self.image_ids, dtype=str))
+        self._coord("layer", ["layer"], np.array(self.layers, dtype=np.int32))
+        self._coord("token", ["token"], np.arange(n_max, dtype=np.int32))
+        self._coord("patch_row", ["image", "token"], rows, -1)
+        self._coord("patch_col", ["image", "token"], cols, -1)
+        self._coord("token_valid", ["image", "token"], valid, False)
+        self._coord("n_tokens", ["image"], self.n_tokens)
+        self._coord("grid_rows", ["image"], self.grid[:, 0])
+        self._coord("grid_cols", ["image"], self.grid[:, 1])
+        if self.vision is not None:
+            self._coord("vision_layer", ["vision_layer"], np.array(self.vision_layers, dtype=np.int32))
+            self._coord("vision_token", ["vision_token"],
+                        np.arange(self.vision.shape[2], dtype=np.int32))
+            self._coord("n_vision_tokens", ["image"], self.n_vision_tokens)
+        coords = ["image_id", "layer", "token", "patch_row", "patch_col", "token_valid",
+                  "n_tokens", "grid_rows", "grid_cols"]
+        if self.vision is not None:
+            coords += ["vision_layer", "vision_token", "n_vision_tokens"]
+        for name in ("llm_hidden", "vision_hidden"):
+            if name in self.root:
+                # xarray reads this CF attribute to know which arrays are coordinates.
+                self.root[name].attrs["coordinates"] = " ".join(
+                    c for c in coords if c not in ("layer", "token", "vision_layer", "vision_token"))
+        attrs = dict(self.attrs)
+        attrs["store_dtype"] = str(self.dtype)
+        attrs["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        attrs[COMPLETE_ATTR] = True
+        self.root.attrs.update(_jsonable(attrs))
+        zarr.consolidate_metadata(str(self.path))
+
+
+def _jsonable(attrs: dict) -> dict:
+    return json.loads(json.dumps(attrs, default=str))
+
+
+def open_shard(path: str | Path) -> xr.Dataset:
+    """Open one complete shard lazily; refuse an incomplete one."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such hidden-state store")
+    ds = xr.open_zarr(str(path), consolidated=True)
+    if not ds.attrs.get(COMPLETE_ATTR):
+        raise RuntimeError(f"{path}: store is incomplete (interrupted extraction?); rerun the extract job")
+    return ds
+
+
+def open_hidden(paths: Iterable[str | Path]) -> xr.Dataset:
+    """Join shards along ``image`` lazily.
+
+    Shards whose token counts differ are padded with NaN and ``token_valid = False``
+    (xarray's outer join on the ``token`` coordinate).
+    """
+    shards = [open_shard(p) for p in sorted(map(str, paths))]
+    if not shards:
+        raise ValueError("open_hidden: no shard paths given")
+    if len(shards) == 1:
+        return shards[0]
+    joined = xr.concat(shards, dim="image", join="outer", data_vars="minimal",
+                       coords="different", compat="equals", combine_attrs="drop_conflicts",
+                       fill_value={"token_valid": False, "patch_row": -1, "patch_col": -1})
+    joined["token_valid"] = joined["token_valid"].fillna(False).astype(bool)
+    return joined
+
+
+def write_vocab(path: str | Path, embedding: np.ndarray, token_strings: Sequence[str],
+                special_ids: Iterable[int], attrs: dict) -> None:
+    """The vocabulary embedding matrix and token strings, stored once per model."""
+    special = np.zeros(embedding.shape[0], dtype=bool)
+    special[[i for i in special_ids if i < embedding.shape[0]]] = True
+    strings = list(token_strings) + [""] * (embedding.shape[0] - len(token_strings))
+    with atomic_directory(path) as tmp:
+        ds = xr.Dataset(
+            {"embedding": (("vocab", "dim"), embedding.astype(np.float32))},
+            coords={"token_id": ("vocab", np.arange(embedding.shape[0], dtype=np.int64)),
+                    "token_string": ("vocab", np.array(strings[: embedding.shape[0]], dtype=str)),
+                    "is_special": ("vocab", special)},
+            attrs=_jsonable({**attrs, COMPLETE_ATTR: True}))
+        rows = max(1, min(embedding.shape[0], (16 << 20) // max(1, embedding.shape[1] * 4)))
+        ds.to_zarr(str(tmp), mode="w", zarr_format=3, consolidated=True,
+                   encoding={"embedding": {"chunks": (rows, embedding.shape[1])}})
+
+
+def open_vocab(path: str | Path) -> xr.Dataset:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no vocabulary store; run the export_vocab rule")
+    return xr.open_zarr(str(path), consolidated=True)
