@@ -1,0 +1,71 @@
+"""Config validation: every broken config fails with the key path named."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from embedlens.config import DEFAULTS, ConfigError, load_config, normalize, schema_path, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = yaml.safe_load((ROOT / "config.yaml").read_text())
+
+
+def _broken(mutate):
+    cfg = copy.deepcopy(BASE)
+    mutate(cfg)
+    return cfg
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda c: c["extraction"].update(batchsize=4), "extraction.batchsize: unknown key"),
+    (lambda c: c["extraction"].update(batch_size="four"), "extraction.batch_size: 'four' is not of type integer"),
+    (lambda c: c["models"]["embedlens-mini"].update(datasets=["synthetic", "imagenet"]),
+     "models.embedlens-mini.datasets[1]: 'imagenet' is not defined under 'datasets'"),
+    (lambda c: c["datasets"].update(x={"source": "flickr"}), "datasets.x.source: 'flickr' is not one of"),
+    (lambda c: c["datasets"]["synthetic"].update(n_image=3), "datasets.synthetic.n_image: unknown key"),
+    (lambda c: c["models"].update(m2={"path": "a", "hf_id": "b"}), "models.m2: give exactly one of"),
+    (lambda c: c["models"].update(m2={"path": "a", "anchors": {"dead": ["x"]}}), "models.m2.anchors.dead[0]"),
+    (lambda c: c.update(extra_section={}), "extra_section: unknown key"),
+    (lambda c: c["extraction"].update(layers="some"), "extraction.layers"),
+])
+def test_broken_config_names_key_path(mutate, expected):
+    with pytest.raises(ConfigError) as err:
+        validate(_broken(mutate))
+    assert expected in str(err.value)
+
+
+def test_default_config_is_valid_and_normalized():
+    cfg = load_config(ROOT / "config.yaml")
+    mini = cfg["models"]["embedlens-mini"]
+    assert mini["datasets"] == list(cfg["datasets"])
+    assert mini["trust_remote_code"] is False
+    assert mini["extraction"]["batch_size"] == BASE["extraction"]["batch_size"]
+    assert cfg["datasets"]["synthetic"]["grid"] == 8  # data-set defaults filled in
+
+
+def test_model_extraction_overrides_global():
+    cfg = _broken(lambda c: c["models"]["embedlens-mini"].update(extraction={"batch_size": 2}))
+    norm = normalize(cfg)
+    assert norm["models"]["embedlens-mini"]["extraction"]["batch_size"] == 2
+    assert norm["models"]["embedlens-mini"]["extraction"]["prompt"] == BASE["extraction"]["prompt"]
+
+
+def test_every_default_key_is_in_schema():
+    schema = yaml.safe_load(schema_path().read_text())
+    for section, values in DEFAULTS.items():
+        assert section in schema["properties"], section
+        if isinstance(values, dict):
+            props = schema["properties"][section].get("properties") or \
+                schema["$defs"][section]["properties"]
+            assert set(values) <= set(props), (section, set(values) - set(props))
+
+
+def test_missing_and_invalid_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)

@@ -1,0 +1,86 @@
+"""The Zarr hidden-state store: named dims, atomic visibility, shard joining."""
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from embedlens.store import (ShardWriter, StoreOverflowError, atomic_directory, open_hidden,
+                             open_shard, open_vocab, write_vocab)
+
+
+def _write(path, counts, seed=0, dtype="float16", scale=1.0):
+    rng = np.random.default_rng(seed)
+    with atomic_directory(path) as tmp:
+        w = ShardWriter(tmp, n_images=len(counts), layers=[0, 1, 2], vision_layers=[-1],
+                        dtype=dtype, attrs={"model": "m", "settings": {"prompt": "p"}})
+        for i, n in enumerate(counts):
+            w.write(i, f"{path.name}-{i}", scale * rng.normal(size=(3, n, 8)).astype(np.float32),
+                    rng.normal(size=(1, n + 1, 4)).astype(np.float32),
+                    np.arange(n) // 2, np.arange(n) % 2, (n // 2, 2))
+        w.close()
+    return path
+
+
+def test_store_has_named_dims_coords_and_attrs(tmp_path):
+    _write(tmp_path / "shard-0000.zarr", [4, 4])
+    ds = xr.open_zarr(tmp_path / "shard-0000.zarr")
+    assert ds["llm_hidden"].dims == ("image", "layer", "token", "dim")
+    assert ds["vision_hidden"].dims == ("image", "vision_layer", "vision_token", "vision_dim")
+    for coord in ("image_id", "layer", "token", "patch_row", "patch_col", "token_valid"):
+        assert coord in ds.coords, coord
+    assert ds.attrs["model"] == "m" and ds.attrs["store_dtype"] == "float16"
+    assert ds.llm_hidden.dtype == np.float16
+    # one chunk = one image x one layer
+    assert ds.llm_hidden.data.chunksize[:2] == (1, 1)
+
+
+def test_values_roundtrip_float32(tmp_path):
+    rng = np.random.default_rng(0)
+    expected = rng.normal(size=(3, 4, 8)).astype(np.float32)
+    _write(tmp_path / "s.zarr", [4, 4], seed=0, dtype="float32")
+    ds = open_shard(tmp_path / "s.zarr")
+    np.testing.assert_array_equal(ds.llm_hidden.isel(image=0).values, expected)
+
+
+def test_failed_write_leaves_nothing_visible(tmp_path):
+    final = tmp_path / "shard-0000.zarr"
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_directory(final) as tmp:
+            ShardWriter(tmp, n_images=2, layers=[0], vision_layers=[], dtype="float16", attrs={})
+            raise RuntimeError("boom")
+    assert not final.exists()
+    assert not list(tmp_path.iterdir())
+
+
+def test_unclosed_store_is_refused(tmp_path):
+    w = ShardWriter(tmp_path / "s.zarr", n_images=1, layers=[0], vision_layers=[], dtype="float16",
+                    attrs={})
+    w.write(0, "a", np.ones((1, 2, 3), np.float32), None, [0, 0], [0, 1], (1, 2))
+    with pytest.raises(Exception):
+        open_shard(tmp_path / "s.zarr")
+
+
+def test_float16_overflow_is_detected(tmp_path):
+    with pytest.raises(StoreOverflowError):
+        _write(tmp_path / "s.zarr", [2], scale=1e6)
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_open_hidden_pads_different_token_counts(tmp_path):
+    _write(tmp_path / "shard-0000.zarr", [4, 4], seed=0)
+    _write(tmp_path / "shard-0001.zarr", [6, 2], seed=1)
+    ds = open_hidden([tmp_path / "shard-0001.zarr", tmp_path / "shard-0000.zarr"])
+    assert ds.sizes["image"] == 4 and ds.sizes["token"] == 6
+    assert list(ds.image_id.values) == ["shard-0000.zarr-0", "shard-0000.zarr-1",
+                                        "shard-0001.zarr-0", "shard-0001.zarr-1"]
+    assert ds.token_valid.values.sum(axis=1).tolist() == [4, 4, 6, 2]
+    assert np.isnan(ds.llm_hidden.isel(image=0, token=5).values).all()
+
+
+def test_vocab_store(tmp_path):
+    emb = np.random.default_rng(0).normal(size=(10, 4)).astype(np.float32)
+    write_vocab(tmp_path / "vocab.zarr", emb, [f"t{i}" for i in range(10)], [3, 7], {"model": "m"})
+    v = open_vocab(tmp_path / "vocab.zarr")
+    np.testing.assert_array_equal(v.embedding.values, emb)
+    assert v.is_special.values.nonzero()[0].tolist() == [3, 7]
+    assert v.token_string.values[2] == "t2"
