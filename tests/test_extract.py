@@ -1,0 +1,76 @@
+"""Extraction into the store: batch-size invariance, equality with a direct model call."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from embedlens.datasets import load_dataset, materialize
+from embedlens.extract import ExtractSettings, extract_shard, resolve_layers, shard_ranges
+from embedlens.store import open_shard
+from embedlens.testing.tiny import build_tiny_model
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "shapes"
+    return materialize("shapes", {"source": "synthetic", "n_images": 5, "seed": 1,
+                                  "image_size": 64, "grid": 4}, out)
+
+
+def _extract(model, dataset_dir, out, batch_size, **kw):
+    settings = ExtractSettings(batch_size=batch_size, store_dtype="float32", device="cpu", **kw)
+    return open_shard(extract_shard(model, dataset_dir, out, start=0, stop=5, settings=settings,
+                                    model_name="tiny", progress=False))
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2_5_vl"])
+def test_batch_size_invariance(arch, dataset_dir, tmp_path):
+    model = build_tiny_model(arch, tmp_path / arch, seed=0)
+    one = _extract(model, dataset_dir, tmp_path / "b1.zarr", 1)
+    four = _extract(model, dataset_dir, tmp_path / "b4.zarr", 4)
+    a, b = one.llm_hidden.values, four.llm_hidden.values
+    assert a.shape == b.shape and np.isfinite(a).all()
+    rel = np.abs(a - b).max() / np.abs(a).max()
+    assert rel < 1e-4, f"{arch}: batch 1 vs 4 differ by {rel:.2e} (relative)"
+    np.testing.assert_array_equal(one.patch_row.values, four.patch_row.values)
+    if "vision_hidden" in one:
+        v1, v4 = one.vision_hidden.values, four.vision_hidden.values
+        assert np.abs(v1 - v4).max() / np.abs(v1).max() < 1e-4
+
+
+def test_store_equals_direct_model_call(dataset_dir, tmp_path):
+    from embedlens.models.adapter import VLMAdapter
+
+    model = build_tiny_model("llava", tmp_path / "llava", seed=0)
+    ds = _extract(model, dataset_dir, tmp_path / "s.zarr", 2, prompt="What is this?")
+    adapter = VLMAdapter.load(str(model), dtype="float32", device="cpu")
+    data = load_dataset(dataset_dir)
+    batch = adapter.prepare([data.image(3)], "What is this?")
+    with torch.inference_mode():
+        out = adapter.model(**batch, output_hidden_states=True)
+    mask = batch["input_ids"][0] == adapter.image_token_id
+    direct = torch.stack([h[0][mask] for h in out.hidden_states]).numpy()
+    stored = ds.llm_hidden.isel(image=3).values[:, : int(mask.sum())]
+    np.testing.assert_allclose(stored, direct, rtol=1e-5, atol=1e-5)
+    assert ds.image_id.values[3] == data.images[3]["image_id"]
+    assert ds.attrs["settings"]["prompt"] == "What is this?"
+
+
+def test_float16_store_and_layer_selection(dataset_dir, tmp_path):
+    model = build_tiny_model("llava", tmp_path / "llava", seed=0)
+    settings = ExtractSettings(batch_size=2, layers=[0, -1], device="cpu")
+    ds = open_shard(extract_shard(model, dataset_dir, tmp_path / "h.zarr", start=1, stop=3,
+                                  settings=settings, model_name="tiny", progress=False))
+    assert ds.llm_hidden.dtype == np.float16
+    assert ds.sizes["image"] == 2 and ds.layer.values[0] == 0 and len(ds.layer) == 2
+    assert ds.attrs["image_range"] == [1, 3]
+
+
+def test_resolve_layers_and_shards():
+    assert resolve_layers("all", 4) == [0, 1, 2, 3]
+    assert resolve_layers([0, -1], 4) == [0, 3]
+    with pytest.raises(ValueError, match="out of range"):
+        resolve_layers([7], 4)
+    assert shard_ranges(10, 4) == [(0, 4), (4, 8), (8, 10)]
