@@ -197,9 +197,18 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from .config import ConfigError
 
+    # Errors whose message already names the file/key and what to do: no traceback.
+    expected: tuple = (ConfigError, FileNotFoundError, FileExistsError)
+    try:
+        from .datasets import BadImageError, ManifestError
+        from .models.resolve import ModelNotFoundError
+
+        expected += (BadImageError, ManifestError, ModelNotFoundError)
+    except ImportError:  # pragma: no cover - partial installs
+        pass
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as exc:
+    except expected as exc:
         print(f"embedlens {args.step}: error: {exc}", file=sys.stderr)
         return 2
 

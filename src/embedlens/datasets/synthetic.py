@@ -129,17 +129,16 @@ def _shape_mask(kind: str, w: int, h: int) -> np.ndarray:
         d.rectangle([cx - aw, 0, cx + aw, y1], fill=255)
         d.rectangle([0, cy - ah, x1, cy + ah], fill=255)
     elif kind == "star":
-        # Five-pointed star, fat inner radius so it reads as a star even when small.
-        ro, ri = 0.5, 0.25
+        # Five-pointed star with a fat inner radius (reads as a star even when small),
+        # its points' bounding box stretched onto the whole box.
         pts = []
         for k in range(10):
-            rad = ro if k % 2 == 0 else ri
+            rad = 1.0 if k % 2 == 0 else 0.5
             a = -math.pi / 2 + k * math.pi / 5
-            pts.append((cx + rad * w * math.cos(a), cy + 0.55 * h + rad * h * math.sin(a) * 1.05))
-        # Recentre vertically: a star's points do not span its box symmetrically.
-        ys = [p[1] for p in pts]
-        shift = (y1 - (max(ys) + min(ys))) / 2
-        d.polygon([(x, y + shift) for x, y in pts], fill=255)
+            pts.append((rad * math.cos(a), rad * math.sin(a)))
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        sx, sy = x1 / (max(xs) - min(xs)), y1 / (max(ys) - min(ys))
+        d.polygon([((x - min(xs)) * sx, (y - min(ys)) * sy) for x, y in pts], fill=255)
     else:  # pragma: no cover - guarded by SHAPE_NAMES
         raise ValueError(f"unknown shape {kind!r}; expected one of {SHAPE_NAMES}")
     return np.asarray(img) >= 128
@@ -162,7 +161,7 @@ def _glyph_mask(letter: str, w: int, h: int) -> np.ndarray:
     font = _font()
     # The regular weight is emboldened with a stroke in the same "ink".
     is_ft = isinstance(font, ImageFont.FreeTypeFont)
-    stroke = 9 if is_ft else 0
+    stroke = 12 if is_ft else 0
     l, t, r, b = font.getbbox(letter, stroke_width=stroke)
     canvas = Image.new("L", (r - l + 4, b - t + 4), 0)
     ImageDraw.Draw(canvas).text(
@@ -192,9 +191,10 @@ def _caption(colour: str, shape: str, letter: str | None, letter_colour: str | N
 
 
 def _block_range(grid: int) -> tuple[range, range]:
-    # Shape blocks 2x2..4x4 and letter blocks 2x2..3x3 on the default 8 x 8 grid;
-    # scaled for other grids so objects keep their relative size.
-    smin = max(2, round(grid / 4))
+    # Shape blocks 3x3..4x4 and letter blocks 2x2..3x3 on the default 8 x 8 grid;
+    # scaled for other grids so objects keep their relative size. Shapes start at
+    # 3x3 because a 2x2 star or diamond covers no cell by half (no shape label at all).
+    smin = max(2, round(3 * grid / 8))
     smax = max(smin, round(grid / 2))
     lmin = max(2, round(grid / 4))
     lmax = max(lmin, round(3 * grid / 8))
