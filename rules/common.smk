@@ -20,7 +20,7 @@ BUILTIN_MODEL_DIR = "resources/models/{name}"
 
 def _check_models():
     """Resolve every non-builtin model offline before any job runs."""
-    from embedlens.models.resolve import ModelNotFoundError, resolve_model
+    from embedlens.models.resolve import resolve_model
 
     resolved = {}
     for name, entry in MODELS.items():
@@ -28,7 +28,7 @@ def _check_models():
             continue
         try:
             resolved[name] = str(resolve_model(entry).path)
-        except (ModelNotFoundError, ValueError) as exc:
+        except (FileNotFoundError, PermissionError, ValueError) as exc:
             raise WorkflowError(f"config.yaml: models.{name}: {exc}") from None
     return resolved
 
