@@ -1,0 +1,596 @@
+"""One generic adapter over the transformers VLM API.
+
+`VLMAdapter` loads any image-text-to-text model with its processor and returns, per image,
+the decoder hidden states at the visual positions (`input_ids == image_token_id`) for the
+requested layers plus the vision encoder's hidden states. Everything model-specific that the
+transformers API does not expose (patch grid, packed vision outputs, prompt placeholder when
+there is no chat template) comes from `embedlens.models.overrides`.
+
+Layer indices follow HF `output_hidden_states`: for the decoder, 0 = the decoder input (the
+projector output at visual positions), l = output of decoder layer l, negative indices count
+from the end. HF applies the final norm to the last entry; `final_norm_applied_to_last_layer`
+records that, and `forward_hidden(..., prenorm_last=True)` returns the raw output of the last
+layer instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from embedlens.models.overrides import ImageContext, TokenLayout, get_overrides
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+# Attribute names under which composite VLMs keep their vision encoder.
+_VISION_ATTRS = ("vision_tower", "vision_model", "visual", "vision_encoder", "vision_backbone", "vision")
+
+
+@dataclass
+class ImageHidden:
+    """Hidden states of one image's visual tokens.
+
+    llm: (n_layers, n_tok, d) decoder states at the visual positions, layers as requested.
+    vision: (n_vlayers, n_vtok, vd) vision-encoder states (all crops/tiles), or None.
+    patch_row, patch_col: (n_tok,) int32 position in the `grid` (-1 = no image patch).
+    grid: (R, C).
+    positions: (n_tok,) sequence positions of the visual tokens in the prepared batch row.
+    view: (n_tok,) int8, 0 = base/global view, 1 = crop/tile, -1 = no patch (separator).
+    vision_to_llm: (n_vtok,) int32 index of the visual token each vision token feeds (-1 none),
+        or None when vision states were not requested or the mapping is unknown.
+    """
+
+    llm: torch.Tensor
+    vision: torch.Tensor | None
+    patch_row: np.ndarray
+    patch_col: np.ndarray
+    grid: tuple[int, int]
+    positions: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    view: np.ndarray | None = None
+    vision_to_llm: np.ndarray | None = None
+    layout_note: str = ""
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.llm.shape[1])
+
+
+@dataclass
+class PreparedBatch:
+    """A padded (right-padded) batch, one image per row, ready for `forward_hidden`."""
+
+    inputs: dict[str, torch.Tensor]
+    texts: list[str]
+    image_positions: list[np.ndarray]  # per row: positions of the visual tokens
+    layouts: list[TokenLayout]
+    contexts: list[ImageContext]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    @property
+    def n_tokens(self) -> list[int]:
+        return [len(p) for p in self.image_positions]
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.inputs[key]
+
+    def keys(self):
+        return self.inputs.keys()
+
+
+# --------------------------------------------------------------------------- processor loading
+
+
+@contextlib.contextmanager
+def optional_video_processor():
+    """Let processors that declare a video processor be built without one.
+
+    transformers 5 makes the video processor of Qwen-VL-style processors mandatory and only
+    implements video processors with torchvision, so image-only use on a machine without
+    torchvision fails although no video is ever processed. Inside this context a `None`
+    video processor passes the processor's class check.
+    """
+    from transformers.processing_utils import ProcessorMixin
+
+    original = ProcessorMixin.check_argument_for_proper_class
+
+    def check(self, argument_name, argument):
+        if argument is None and "video" in argument_name:
+            return None
+        return original(self, argument_name, argument)
+
+    ProcessorMixin.check_argument_for_proper_class = check
+    try:
+        yield
+    finally:
+        ProcessorMixin.check_argument_for_proper_class = original
+
+
+def _load_processor(path: Path, trust_remote_code: bool):
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as first:  # noqa: BLE001 - retry without the video processor, else re-raise
+        try:
+            proc = _load_processor_without_video(path, trust_remote_code)
+        except Exception:  # noqa: BLE001 - the first error is the one to report
+            proc = None
+        if proc is None:
+            raise
+        log.info("loaded %s without its video processor (%s)", type(proc).__name__, first)
+        return proc
+
+
+def _load_processor_without_video(path: Path, trust_remote_code: bool):
+    import transformers
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    cfg_file = next(
+        (path / n for n in ("processor_config.json", "preprocessor_config.json") if (path / n).is_file()),
+        None,
+    )
+    if cfg_file is None:
+        return None
+    name = json.loads(cfg_file.read_text()).get("processor_class")
+    cls = getattr(transformers, name, None) if name else None
+    if cls is None or "video_processor" not in cls.get_attributes():
+        return None
+    args = []
+    for attr in cls.get_attributes():
+        if attr == "tokenizer":
+            args.append(AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code))
+        elif attr == "image_processor":
+            args.append(AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code))
+        elif attr == "video_processor":
+            args.append(None)
+        else:
+            return None
+    processor_dict, _ = cls.get_processor_dict(path)
+    with optional_video_processor():
+        return cls.from_args_and_dict(args, processor_dict)
+
+
+def _load_model(path: Path, dtype: torch.dtype, trust_remote_code: bool, attn_implementation: str | None):
+    import transformers
+
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    errors = []
+    for auto in ("AutoModelForImageTextToText", "AutoModelForVision2Seq", "AutoModelForCausalLM"):
+        cls = getattr(transformers, auto, None)
+        if cls is None:
+            continue
+        try:
+            return cls.from_pretrained(path, **kwargs)
+        except ValueError as exc:  # "Unrecognized configuration class ..." -> try the next auto class
+            errors.append(f"{auto}: {exc}")
+    raise ValueError(f"no transformers auto class can load {path} as a vision-language model:\n" + "\n".join(errors))
+
+
+def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}") from None
+
+
+# --------------------------------------------------------------------------- adapter
+
+
+class VLMAdapter:
+    """Generic access to a Hugging Face VLM's visual-token hidden states."""
+
+    def __init__(self, model, processor, path: str | Path | None = None):
+        self.model = model.eval()
+        self.processor = processor
+        self.path = Path(path) if path is not None else None
+        self.config = model.config
+        self.model_type = getattr(self.config, "model_type", "")
+        self.overrides = get_overrides(self.model_type)
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        if getattr(self.tokenizer, "pad_token_id", None) is None:
+            # Right padding needs some pad id; it is never attended to.
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer.padding_side = "right"
+        self.image_token_id = self._find_image_token_id()
+        self._decoder = self._find_decoder()
+        self._vision_layers_list = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        dtype: str | torch.dtype = "float32",
+        device: str | torch.device = "cpu",
+        trust_remote_code: bool = False,
+        attn_implementation: str | None = None,
+    ) -> "VLMAdapter":
+        """Load model and processor from a local directory (see `embedlens.models.resolve`)."""
+        path = Path(path)
+        processor = _load_processor(path, trust_remote_code)
+        model = _load_model(path, _resolve_dtype(dtype), trust_remote_code, attn_implementation)
+        model.to(device)
+        return cls(model, processor, path)
+
+    def _find_image_token_id(self) -> int:
+        for holder in (self.config, getattr(self.config, "text_config", None)):
+            for key in ("image_token_id", "image_token_index"):
+                value = getattr(holder, key, None) if holder is not None else None
+                if isinstance(value, int):
+                    return value
+        for holder in (self.processor, self.tokenizer):
+            value = getattr(holder, "image_token_id", None)
+            if isinstance(value, int):
+                return value
+        token = getattr(self.processor, "image_token", None)
+        if token:
+            return int(self.tokenizer.convert_tokens_to_ids(token))
+        raise ValueError(
+            f"{type(self.model).__name__}: cannot find the image token id (config keys image_token_id / "
+            "image_token_index, or the processor's image_token)"
+        )
+
+    def _find_decoder(self):
+        dec = self.model.get_decoder() if hasattr(self.model, "get_decoder") else None
+        if dec is None or not hasattr(dec, "layers"):
+            for name in ("language_model", "text_model"):
+                sub = getattr(getattr(self.model, "model", self.model), name, None)
+                if sub is not None and hasattr(sub, "layers"):
+                    return sub
+            raise ValueError(f"{type(self.model).__name__}: cannot find the decoder's layer list")
+        return dec
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def text_config(self):
+        return self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
+
+    @property
+    def num_layers(self) -> int:
+        return len(self._decoder.layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.text_config.hidden_size)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.get_input_embeddings().weight.shape[0])
+
+    @property
+    def vision_config(self):
+        return getattr(self.config, "vision_config", None)
+
+    @property
+    def num_vision_layers(self) -> int:
+        return len(self._vision_layers())
+
+    def _num_vision_layers_or_none(self) -> int | None:
+        try:
+            return self.num_vision_layers
+        except ValueError:
+            return None
+
+    @property
+    def final_norm(self) -> torch.nn.Module:
+        norm = getattr(self._decoder, "norm", None)
+        if norm is None:
+            norm = getattr(self._decoder, "final_layernorm", None)
+        if norm is None:
+            raise AttributeError(f"{type(self._decoder).__name__} has no final norm")
+        return norm
+
+    @property
+    def lm_head(self) -> torch.nn.Module:
+        return self.model.get_output_embeddings()
+
+    @property
+    def final_norm_applied_to_last_layer(self) -> bool:
+        """True when the last `output_hidden_states` entry is the final-norm output (HF default)."""
+        tie = getattr(self._decoder.config, "tie_last_hidden_states", None)
+        return True if tie is None else bool(tie)
+
+    # ------------------------------------------------------------------ vocabulary
+    def embedding_matrix(self) -> torch.Tensor:
+        """(V, d) float32 input embeddings on CPU (unscaled: Gemma's sqrt(d) factor is not applied)."""
+        return self.model.get_input_embeddings().weight.detach().to("cpu", torch.float32).clone()
+
+    def token_strings(self) -> list[str]:
+        """Vocabulary strings as stored in the tokenizer (e.g. "▁jav", "Ġred"), one per embedding
+        row; rows the tokenizer never produces (padding of the embedding matrix) get ""."""
+        n = self.vocab_size
+        tokens = self.tokenizer.convert_ids_to_tokens(list(range(min(n, len(self.tokenizer)))))
+        out = [t if isinstance(t, str) else "" for t in tokens]
+        return out + [""] * (n - len(out))
+
+    def special_token_ids(self) -> set[int]:
+        """Ids excluded from lens candidates: special and added tokens (image, pad, control...)
+        plus embedding rows beyond the tokenizer (never produced, untrained padding)."""
+        ids = set(int(i) for i in getattr(self.tokenizer, "all_special_ids", []))
+        decoder = getattr(self.tokenizer, "added_tokens_decoder", {}) or {}
+        ids.update(int(i) for i in decoder)
+        ids.add(int(self.image_token_id))
+        n_tok = len(self.tokenizer)
+        ids.update(range(n_tok, self.vocab_size))
+        return {i for i in ids if 0 <= i < self.vocab_size}
+
+    def describe(self) -> dict:
+        """Provenance of the loaded model (JSON-serialisable)."""
+        import transformers
+
+        arch = (getattr(self.config, "architectures", None) or [type(self.model).__name__])[0]
+        vc = self.vision_config
+        return {
+            "architecture": arch,
+            "model_type": self.model_type,
+            "num_layers": self.num_layers,
+            "hidden_size": self.hidden_size,
+            "vocab_size": self.vocab_size,
+            "tokenizer_size": len(self.tokenizer),
+            "image_token_id": int(self.image_token_id),
+            "vision_model_type": getattr(vc, "model_type", None),
+            "num_vision_layers": self._num_vision_layers_or_none(),
+            "vision_hidden_size": int(getattr(vc, "hidden_size", 0) or 0) or None,
+            "final_norm_applied_to_last_layer": self.final_norm_applied_to_last_layer,
+            "embed_scale": float(getattr(self.model.get_input_embeddings(), "embed_scale", 1.0)),
+            "chat_template": bool(getattr(self.processor, "chat_template", None)),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "path": str(self.path) if self.path else None,
+            "transformers_version": transformers.__version__,
+            "torch_version": torch.__version__,
+        }
+
+    # ------------------------------------------------------------------ inputs
+    def format_prompt(self, prompt: str) -> str:
+        """The text for one image + `prompt`: the chat template's user turn with the generation
+        prompt when the processor has a template, else the architecture's placeholder."""
+        template = getattr(self.processor, "chat_template", None)
+        if template:
+            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+            return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        image = getattr(self.processor, "image_token", None) or "<image>"
+        return self.overrides.placeholder.format(image=image, prompt=prompt)
+
+    def prepare(self, images: Sequence[Any], prompt: str | Sequence[str]) -> PreparedBatch:
+        """Processor inputs for `images` (one per row) with `prompt` (one, or one per image),
+        right-padded to the longest row."""
+        images = list(images)
+        prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
+        if len(prompts) != len(images):
+            raise ValueError(f"{len(prompts)} prompts for {len(images)} images")
+        texts = [self.format_prompt(p) for p in prompts]
+        images = [im.convert("RGB") if hasattr(im, "convert") else im for im in images]
+        # padding_side explicitly: processors pass the tokenizer's saved init kwargs (some real
+        # checkpoints save "left") as call defaults, overriding the tokenizer attribute
+        kwargs = dict(padding=True, padding_side="right", return_tensors="pt", **self.overrides.processor_kwargs())
+        # One list of images per prompt: the unambiguous form every processor accepts (some,
+        # e.g. Idefics3 and Gemma 3, read a flat list as several images for one prompt).
+        batch = self.processor(images=[[im] for im in images], text=texts, **kwargs)
+        inputs = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor) and k != "labels"}
+
+        ids = inputs["input_ids"]
+        mask = inputs.get("attention_mask", torch.ones_like(ids))
+        if (mask[:, 1:] > mask[:, :-1]).any():
+            raise RuntimeError(f"{type(self.processor).__name__} did not pad on the right")
+        visual = (ids == self.image_token_id) & mask.bool()
+        positions, layouts, contexts = [], [], []
+        for i in range(len(images)):
+            pos = torch.nonzero(visual[i]).flatten().numpy()
+            if len(pos) == 0:
+                raise ValueError(f"image {i}: the processor produced no image tokens (id {self.image_token_id})")
+            ctx = ImageContext(self.config, self.processor, inputs, i, ids[i].numpy(), pos)
+            layout = self.overrides.layout(ctx)
+            if len(layout.patch_row) != len(pos):
+                raise ValueError(f"image {i}: layout covers {len(layout.patch_row)} tokens, found {len(pos)}")
+            positions.append(pos)
+            layouts.append(layout)
+            contexts.append(ctx)
+        return PreparedBatch(inputs, texts, positions, layouts, contexts)
+
+    # ------------------------------------------------------------------ forward
+    def _vision_tower(self):
+        roots = [getattr(self.model, "model", None), self.model]
+        for root in roots:
+            for name in _VISION_ATTRS:
+                sub = getattr(root, name, None) if root is not None else None
+                if isinstance(sub, torch.nn.Module):
+                    return sub
+        raise ValueError(f"{type(self.model).__name__}: cannot find the vision encoder")
+
+    def _vision_layers(self) -> torch.nn.ModuleList:
+        if self._vision_layers_list is None:
+            tower = self._vision_tower()
+            vc = self.vision_config
+            want = getattr(vc, "num_hidden_layers", None) or getattr(vc, "depth", None)
+            candidates = [
+                m for _, m in tower.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 0
+            ]
+            exact = [m for m in candidates if want is not None and len(m) == want]
+            pool = exact or candidates
+            if not pool:
+                raise ValueError(f"{type(tower).__name__}: cannot find the vision encoder's layer list")
+            self._vision_layers_list = max(pool, key=len)
+        return self._vision_layers_list
+
+    @staticmethod
+    def _normalize(indices: Sequence[int] | None, n: int, what: str) -> list[int]:
+        if indices is None:
+            return list(range(n))
+        out = []
+        for i in indices:
+            i = int(i)
+            if not -n <= i < n:
+                raise IndexError(f"{what} index {i} out of range for {n} hidden states")
+            out.append(i % n)
+        return out
+
+    def resolve_llm_layers(self, layers: Sequence[int] | None) -> list[int]:
+        """Non-negative hidden_states indices (0..num_layers) for `layers` (None = all)."""
+        return self._normalize(layers, self.num_layers + 1, "llm layer")
+
+    def resolve_vision_layers(self, layers: Sequence[int] | None) -> list[int]:
+        """Non-negative vision hidden_states indices (0..num_vision_layers); None/[] = none."""
+        if not layers:
+            return []
+        return self._normalize(layers, self.num_vision_layers + 1, "vision layer")
+
+    @contextlib.contextmanager
+    def _capture(self, vision_idx: list[int], prenorm_last: bool):
+        """Forward hooks recording vision layer outputs (and the last decoder layer's raw output)."""
+        store: dict[str, Any] = {"vision": {}, "last": None}
+        handles = []
+
+        def out_of(output):
+            return output[0] if isinstance(output, (tuple, list)) else output
+
+        if vision_idx:
+            layers = self._vision_layers()
+            if 0 in vision_idx:
+
+                def pre(module, args, kwargs):
+                    h = args[0] if args else kwargs.get("hidden_states")
+                    store["vision"].setdefault(0, []).append(h.detach())
+
+                handles.append(layers[0].register_forward_pre_hook(pre, with_kwargs=True))
+            for k in vision_idx:
+                if k == 0:
+                    continue
+
+                def hook(module, args, output, k=k):
+                    store["vision"].setdefault(k, []).append(out_of(output).detach())
+
+                handles.append(layers[k - 1].register_forward_hook(hook))
+        if prenorm_last:
+
+            def last(module, args, output):
+                store["last"] = out_of(output).detach()
+
+            handles.append(self._decoder.layers[-1].register_forward_hook(last))
+        try:
+            yield store
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _model_kwargs(self, llm_idx: list[int]) -> dict:
+        params = inspect.signature(self.model.forward).parameters
+        # transformers 5 keeps only the hidden states whose indices are listed (the others come
+        # back as None), which saves memory when few layers are extracted; code that only
+        # knows a boolean flag sees a non-empty list as True and returns them all.
+        if not llm_idx:
+            wanted: bool | list[int] = False
+        elif len(set(llm_idx)) == self.num_layers + 1:
+            wanted = True
+        else:
+            wanted = sorted(set(llm_idx))
+        kw = {"output_hidden_states": wanted, "return_dict": True}
+        if "use_cache" in params:
+            kw["use_cache"] = False
+        if "logits_to_keep" in params:
+            kw["logits_to_keep"] = 1  # logits are not needed; keep the LM head cheap
+        return kw
+
+    def forward_hidden(
+        self,
+        batch: PreparedBatch,
+        llm_layers: Sequence[int] | None = None,
+        vision_layers: Sequence[int] | None = None,
+        prenorm_last: bool = False,
+    ) -> list[ImageHidden]:
+        """Hidden states of every image's visual tokens, one `ImageHidden` per batch row.
+
+        `llm_layers`: hidden_states indices (None = all L + 1); `vision_layers`: vision
+        hidden_states indices (None or [] = no vision states). With `prenorm_last` the entry
+        for the last layer is the raw output of the last decoder layer, without the final norm.
+        Results are on the CPU, in the model's dtype.
+        """
+        llm_idx = self.resolve_llm_layers(llm_layers)
+        vis_idx = self.resolve_vision_layers(vision_layers)
+        device, dtype = self.device, self.dtype
+        # pixel values in the model's dtype (not every vision tower casts its input)
+        inputs = {
+            k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in batch.inputs.items()
+        }
+        n_images = len(batch)
+        with torch.inference_mode(), self._capture(vis_idx, prenorm_last) as store:
+            out = self.model(**inputs, **self._model_kwargs(llm_idx))
+        hs = out.hidden_states if llm_idx else [None] * (self.num_layers + 1)
+        if hs is None or len(hs) != self.num_layers + 1:
+            raise RuntimeError(
+                f"{type(self.model).__name__} returned {None if hs is None else len(hs)} hidden states, "
+                f"expected {self.num_layers + 1}"
+            )
+        hs = list(hs)
+        if prenorm_last and store["last"] is not None:
+            hs[-1] = store["last"]
+        missing = [l for l in llm_idx if hs[l] is None]
+        if missing:
+            raise RuntimeError(f"{type(self.model).__name__} did not return hidden states {missing}")
+
+        vision_per_image: list[torch.Tensor | None] = [None] * n_images
+        if vis_idx:
+            per_layer = []
+            for k in vis_idx:
+                chunks = store["vision"].get(k)
+                if not chunks:
+                    raise RuntimeError(f"vision layer {k} was not run (no image reached the vision encoder)")
+                captured = torch.cat(chunks, dim=0) if len(chunks) > 1 else chunks[0]
+                per_layer.append(self.overrides.split_vision(captured, batch.inputs, self.config, n_images))
+            vision_per_image = [torch.stack([layer[i] for layer in per_layer]).cpu() for i in range(n_images)]
+
+        results = []
+        for i in range(n_images):
+            if llm_idx:
+                pos = torch.as_tensor(batch.image_positions[i], device=hs[llm_idx[0]].device)
+                llm = torch.stack([hs[l][i].index_select(0, pos) for l in llm_idx]).cpu()
+            else:
+                llm = torch.empty(0, len(batch.image_positions[i]), self.hidden_size, dtype=self.dtype)
+            layout = batch.layouts[i]
+            vis = vision_per_image[i]
+            v2l = self.overrides.vision_to_llm(batch.contexts[i], int(vis.shape[1])) if vis is not None else None
+            results.append(
+                ImageHidden(
+                    llm=llm,
+                    vision=vis,
+                    patch_row=layout.patch_row,
+                    patch_col=layout.patch_col,
+                    grid=tuple(int(v) for v in layout.grid),
+                    positions=np.asarray(batch.image_positions[i]),
+                    view=layout.view,
+                    vision_to_llm=v2l,
+                    layout_note=layout.note,
+                )
+            )
+        return results
