@@ -35,6 +35,9 @@ def test_batch_size_invariance(arch, dataset_dir, tmp_path):
     rel = np.abs(a - b).max() / np.abs(a).max()
     assert rel < 1e-4, f"{arch}: batch 1 vs 4 differ by {rel:.2e} (relative)"
     np.testing.assert_array_equal(one.patch_row.values, four.patch_row.values)
+    if "vision_to_llm" in one.coords:  # every vision token maps into the LLM token range
+        v2l = one.vision_to_llm.values
+        assert v2l.max() < one.sizes["token"] and (v2l >= 0).any()
     if "vision_hidden" in one:
         v1, v4 = one.vision_hidden.values, four.vision_hidden.values
         assert np.abs(v1 - v4).max() / np.abs(v1).max() < 1e-4

@@ -92,7 +92,8 @@ def _run_batches(adapter, dataset, indices, llm_layers, vision_layers, settings,
             vision = None if hid.vision is None else hid.vision.float().cpu().numpy()
             writer.write(pos + offset, dataset.images[i]["image_id"],
                          hid.llm.float().cpu().numpy(), vision,
-                         np.asarray(hid.patch_row), np.asarray(hid.patch_col), tuple(hid.grid))
+                         np.asarray(hid.patch_row), np.asarray(hid.patch_col), tuple(hid.grid),
+                         vision_to_llm=None if hid.vision is None else np.asarray(hid.vision_to_llm))
         pos += len(chunk)
         bar.update(len(chunk))
     bar.close()

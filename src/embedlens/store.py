@@ -85,6 +85,7 @@ class ShardWriter:
         self.patch_row: list[np.ndarray] = [None] * n_images
         self.patch_col: list[np.ndarray] = [None] * n_images
         self.image_ids: list[str] = [None] * n_images
+        self.vision_to_llm: list[np.ndarray | None] = [None] * n_images
 
     def _create(self, name, dims, shape, chunks):
         return self.root.create_array(
@@ -104,8 +105,13 @@ class ShardWriter:
         return arr
 
     def write(self, index: int, image_id: str, llm: np.ndarray, vision: np.ndarray | None,
-              patch_row: np.ndarray, patch_col: np.ndarray, grid: tuple[int, int]) -> None:
-        """Store one image: ``llm`` (layer, token, dim), ``vision`` (vlayer, vtoken, vdim)."""
+              patch_row: np.ndarray, patch_col: np.ndarray, grid: tuple[int, int],
+              vision_to_llm: np.ndarray | None = None) -> None:
+        """Store one image: ``llm`` (layer, token, dim), ``vision`` (vlayer, vtoken, vdim).
+
+        ``vision_to_llm[j]`` = the LLM visual token that vision token j feeds (-1: none),
+        so analyses can relate vision-encoder norms to LLM tokens on any architecture.
+        """
         if self.dtype == np.float16 and np.abs(llm).max(initial=0) > FLOAT16_MAX:
             raise StoreOverflowError(
                 f"hidden states of image {image_id} exceed the float16 range "
@@ -122,6 +128,8 @@ class ShardWriter:
                                 vision.shape[0], vision.shape[1], vision.shape[2])
             varr[index, :, :vision.shape[1], :] = vision.astype(self.dtype)
             self.n_vision_tokens[index] = vision.shape[1]
+            if vision_to_llm is not None:
+                self.vision_to_llm[index] = np.asarray(vision_to_llm, dtype=np.int32)
         self.n_tokens[index] = n_tok
         self.grid[index] = grid
         self.patch_row[index] = np.asarray(patch_row, dtype=np.int32)
@@ -164,10 +172,15 @@ class ShardWriter:
             self._coord("vision_token", ["vision_token"],
                         np.arange(self.vision.shape[2], dtype=np.int32))
             self._coord("n_vision_tokens", ["image"], self.n_vision_tokens)
+            v2l = np.full((self.n_images, self.vision.shape[2]), -1, dtype=np.int32)
+            for i, m in enumerate(self.vision_to_llm):
+                if m is not None:
+                    v2l[i, : len(m)] = m
+            self._coord("vision_to_llm", ["image", "vision_token"], v2l, -1)
         coords = ["image_id", "layer", "token", "patch_row", "patch_col", "token_valid",
                   "n_tokens", "grid_rows", "grid_cols"]
         if self.vision is not None:
-            coords += ["vision_layer", "vision_token", "n_vision_tokens"]
+            coords += ["vision_layer", "vision_token", "n_vision_tokens", "vision_to_llm"]
         for name in ("llm_hidden", "vision_hidden"):
             if name in self.root:
                 # xarray reads this CF attribute to know which arrays are coordinates.
