@@ -17,7 +17,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: env run test lint dry-run clean-results
+.PHONY: env browser run test lint dry-run clean-results
 
 $(STAMP): pyproject.toml
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -37,7 +37,15 @@ dry-run: env
 lint: env
 	snakemake --lint
 
-test: env
+# The report tests open the HTML in a real headless browser: Debian's chromium.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "Installing Debian's chromium for the browser tests"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
+	  else sudo -n sh -c 'apt-get update -qq && apt-get install -y -qq chromium' >/dev/null || \
+	    echo "chromium is missing and could not be installed: browser tests will be skipped"; fi; }
+
+test: env browser
 	python -m pytest $(PYTEST_ARGS)
 
 clean-results:
