@@ -1,0 +1,37 @@
+"""Compression benchmark (methods.md §4): interventions on visual tokens at inference,
+multiple-choice VQA accuracy under them, and their cost.
+
+* :mod:`.interventions` — hook-based ``prune``/``keep``/``random_matched``/``skip``/
+  ``inject``/``exit`` on any supported transformers VLM, and answer scoring;
+* :mod:`.cost` — theoretical prefill FLOPs, measured latency and peak memory;
+* :mod:`.benchmark` — :func:`run_compress` over condition dicts from ``config.yaml``.
+"""
+
+from .benchmark import default_conditions, parse_conditions, run_compress, wilson_interval
+from .interventions import (
+    Intervention,
+    baseline,
+    exit,  # noqa: A004 - the name methods.md §4 uses
+    exit_at,
+    inject,
+    keep,
+    prune,
+    random_matched,
+    skip,
+)
+
+__all__ = [
+    "Intervention",
+    "baseline",
+    "default_conditions",
+    "exit",
+    "exit_at",
+    "inject",
+    "keep",
+    "parse_conditions",
+    "prune",
+    "random_matched",
+    "run_compress",
+    "skip",
+    "wilson_interval",
+]

@@ -1,0 +1,594 @@
+"""The compression benchmark (methods.md §4): multiple-choice VQA accuracy and cost of a
+model under a list of visual-token interventions.
+
+Conditions are dicts as they appear in ``config.yaml``::
+
+    {"op": "baseline"}
+    {"name": "prune_sinks", "op": "prune", "groups": ["vit_sink", "llm_sink"]}
+    {"op": "keep", "groups": ["alive"]}
+    {"op": "random_matched", "groups": ["dead"], "seeds": [0, 1, 2]}   # seeds optional
+    {"op": "skip", "groups": ["visual"], "sublayers": "attn" | "mlp" | "both", "layers": [a, b]}
+    {"op": "skip", "groups": ["alive"], "sublayers": [3, 3.5, 4]}      # explicit sublayers
+    {"op": "inject", "layer": 4}
+    {"op": "exit", "layer": 6}
+
+``groups``: categorize labels (``vit_sink``, ``llm_sink``, ``dead``, ``alive``) or the aliases
+``sink``/``sinks`` and ``visual``/``all``. ``layers: [a, b]`` is the half-open range
+``a <= layer < b`` (like Python's ``range``; default every layer); ``layer`` may be negative
+(counted from the end, ``-1`` = the last layer). ``name`` defaults to one derived from the
+op and its arguments; names must be unique.
+
+Scoring (deterministic): per item, the prompt (the chat template's user turn with the image
+and the question, via :mod:`embedlens.vqa` and the adapter's prompt rule) is run once
+through the model's own input preparation and captured; each choice is appended as
+``answer_sep + choice`` token ids and the whole sequence is run under the intervention
+(:func:`embedlens.compress.interventions.forward`); the score of a choice is its
+length-normalized log-likelihood (mean token log-probability,
+:func:`~embedlens.compress.interventions.answer_logprob`), the prediction the best choice
+(ties: the first). The vision tower runs once per item for all conditions.
+
+Prefix sharing without a KV cache: ``inject``/``exit`` give decoder layers different token
+sets, which one cache cannot hold, so instead an item's choices are packed after a single
+copy of the prompt in one sequence, with a per-layer mask restriction so that each answer
+sees only the prompt and itself, and position ids as if it were alone
+(:func:`~embedlens.compress.interventions.pack_choices`; same scores as one sequence per
+choice up to float round-off, tested; ``pack_choices=False`` runs one sequence per choice).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import cost as _cost
+from . import interventions as iv
+
+log = logging.getLogger("embedlens.compress")
+
+_CONDITION_KEYS = {
+    "baseline": {"name", "op"},
+    "prune": {"name", "op", "groups"},
+    "keep": {"name", "op", "groups"},
+    "random_matched": {"name", "op", "groups", "seeds"},
+    "skip": {"name", "op", "groups", "sublayers", "layers"},
+    "inject": {"name", "op", "layer", "groups"},
+    "exit": {"name", "op", "layer", "groups"},
+}
+SINKS = ["vit_sink", "llm_sink"]
+
+
+# =========================================================================== conditions
+def default_conditions(num_layers: int, best_aligned_layer: int | None = None) -> list[dict]:
+    """The default condition list (methods.md §4) for a decoder of `num_layers` layers.
+
+    baseline; prune sinks; prune dead; keep alive only; matched random controls for the
+    same three deletions (seeds from the run); skip attention / MLP / both of all visual
+    tokens over every layer, and both over the upper half; inject and exit at the quarter
+    points (plus the best-aligned layer of §3 for inject when given), restricted to
+    ``1..num_layers-1`` (``inject(0)``/``exit(num_layers)`` are the baseline and
+    ``inject(num_layers)``/``exit(0)`` equal pruning every visual token).
+    """
+    N = int(num_layers)
+    if N < 1:
+        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    conds: list[dict] = [
+        {"name": "baseline", "op": "baseline"},
+        {"name": "prune_sinks", "op": "prune", "groups": list(SINKS)},
+        {"name": "prune_dead", "op": "prune", "groups": ["dead"]},
+        {"name": "keep_alive", "op": "keep", "groups": ["alive"]},
+        {"name": "random_sinks", "op": "random_matched", "groups": list(SINKS)},
+        {"name": "random_dead", "op": "random_matched", "groups": ["dead"]},
+        {"name": "random_keep_alive", "op": "random_matched", "groups": [*SINKS, "dead"]},
+        {"name": "skip_attn_visual", "op": "skip", "groups": ["visual"], "sublayers": "attn", "layers": [0, N]},
+        {"name": "skip_mlp_visual", "op": "skip", "groups": ["visual"], "sublayers": "mlp", "layers": [0, N]},
+        {"name": "skip_both_visual", "op": "skip", "groups": ["visual"], "sublayers": "both", "layers": [0, N]},
+    ]
+    if N >= 2:
+        conds.append({"name": f"skip_both_visual_L{N // 2}-{N}", "op": "skip", "groups": ["visual"],
+                      "sublayers": "both", "layers": [N // 2, N]})
+    quarter = sorted({N // 4, N // 2, (3 * N) // 4})
+    inject_at = set(quarter)
+    if best_aligned_layer is not None:
+        inject_at.add(int(best_aligned_layer))
+    for L in sorted(x for x in inject_at if 1 <= x <= N - 1):
+        conds.append({"name": f"inject_L{L}", "op": "inject", "layer": L})
+    for L in sorted(x for x in quarter if 1 <= x <= N - 1):
+        conds.append({"name": f"exit_L{L}", "op": "exit", "layer": L})
+    return conds
+
+
+@dataclass
+class Variant:
+    """One run of one condition (random_matched: one per seed)."""
+
+    name: str
+    op: str
+    condition: dict
+    intervention: iv.Intervention
+    seed: int | None = None
+    n_seeds: int = 1
+
+    @property
+    def key(self) -> tuple[str, int | None]:
+        return self.name, self.seed
+
+
+def _default_name(c: dict, op: str) -> str:
+    g = "_".join(c.get("groups") or [])
+    if op == "baseline":
+        return "baseline"
+    if op in ("prune", "keep"):
+        return f"{op}_{g}"
+    if op == "random_matched":
+        return f"random_{g}"
+    if op == "skip":
+        sub = c.get("sublayers", "both")
+        sub = sub if isinstance(sub, str) else "custom"
+        lay = c.get("layers")
+        return f"skip_{sub}_{g or 'visual'}" + (f"_L{lay[0]}-{lay[1]}" if isinstance(lay, (list, tuple)) else "")
+    return f"{op}_L{c.get('layer')}"
+
+
+def parse_conditions(conditions: Sequence[dict], num_layers: int, seeds: Iterable[int] = (0, 1, 2)) -> list[Variant]:
+    """Validate condition dicts and expand them into variants (one per seed for random)."""
+    N = int(num_layers)
+    out: list[Variant] = []
+    names: set[str] = set()
+    for i, c in enumerate(conditions):
+        where = f"compress condition #{i}" + (f" ({c.get('name')!r})" if isinstance(c, dict) and "name" in c else "")
+        if not isinstance(c, dict) or "op" not in c:
+            raise ValueError(f"{where}: a condition is a mapping with an 'op' key, got {c!r}")
+        op = c["op"]
+        if op not in _CONDITION_KEYS:
+            raise ValueError(f"{where}: unknown op {op!r}; choose from {', '.join(_CONDITION_KEYS)}")
+        unknown = set(c) - _CONDITION_KEYS[op]
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {sorted(unknown)} for op {op!r}; "
+                             f"allowed: {sorted(_CONDITION_KEYS[op])}")
+        groups = c.get("groups")
+        if op in ("prune", "keep", "random_matched") and not groups:
+            raise ValueError(f"{where}: op {op!r} needs a non-empty 'groups' list")
+        if groups is not None:
+            if isinstance(groups, str) or not all(isinstance(g, str) for g in groups):
+                raise ValueError(f"{where}: 'groups' must be a list of group names, got {groups!r}")
+            try:
+                iv.resolve_groups(groups)
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+        name = str(c.get("name") or _default_name(c, op))
+        if name in names:
+            raise ValueError(f"{where}: duplicate condition name {name!r}")
+        names.add(name)
+        try:
+            variants = _variants(c, op, name, N, tuple(groups or ()), seeds)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{where}: {e}") from None
+        out.extend(variants)
+    return out
+
+
+def _layer_arg(value, N: int, op: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"'layer' must be an integer, got {value!r}")
+    L = int(value) + N if value < 0 else int(value)
+    if not 0 <= L <= N:
+        raise ValueError(f"{op} layer {value} out of range 0..{N} (the model has {N} decoder layers)")
+    return L
+
+
+def _variants(c: dict, op: str, name: str, N: int, groups: tuple, seeds) -> list[Variant]:
+    cond = dict(c, name=name)
+    if op == "baseline":
+        return [Variant(name, op, cond, iv.baseline())]
+    if op == "prune":
+        return [Variant(name, op, cond, iv.prune(groups))]
+    if op == "keep":
+        return [Variant(name, op, cond, iv.keep(groups))]
+    if op == "random_matched":
+        ss = c.get("seeds", list(seeds))
+        if isinstance(ss, (int, np.integer)):
+            ss = [ss]
+        ss = [int(s) for s in ss]
+        if not ss or len(set(ss)) != len(ss):
+            raise ValueError(f"'seeds' must be a non-empty list of distinct integers, got {ss!r}")
+        cond["seeds"] = ss  # the seeds actually used, for the params column
+        return [Variant(name, op, cond, iv.random_matched(groups, s), seed=s, n_seeds=len(ss)) for s in ss]
+    if op == "skip":
+        g = groups or ("visual",)
+        sub = c.get("sublayers", "both")
+        if isinstance(sub, str):
+            lay = c.get("layers", [0, N])
+            if lay == "all":
+                lay = [0, N]
+            if not (isinstance(lay, (list, tuple)) and len(lay) == 2):
+                raise ValueError(f"'layers' must be [start, stop) or 'all', got {lay!r}")
+            a, b = (int(x) + N if int(x) < 0 else int(x) for x in lay)
+            if not 0 <= a < b <= N:
+                raise ValueError(f"'layers' [{lay[0]}, {lay[1]}) must satisfy 0 <= start < stop <= {N}")
+            subl = iv.sublayers_for(sub, range(a, b))
+        else:
+            if "layers" in c:
+                raise ValueError("give 'layers' only with sublayers 'attn' | 'mlp' | 'both'")
+            subl = tuple(float(s) for s in sub)
+            bad = [s for s in subl if not 0 <= s < N or not (2 * s).is_integer()]
+            if bad or not subl:
+                raise ValueError(f"sublayers {bad or sub!r}: use n (attention of layer n) or n + 0.5 "
+                                 f"(its MLP) with 0 <= n < {N}")
+        return [Variant(name, op, cond, iv.skip(g, subl))]
+    # inject / exit
+    if "layer" not in c:
+        raise ValueError(f"op {op!r} needs 'layer'")
+    L = _layer_arg(c["layer"], N, op)
+    base = iv.inject(L) if op == "inject" else iv.exit(L)
+    if groups:  # optional restriction to some visual groups (default: all visual tokens)
+        base = iv.Intervention(op, tuple(groups), layer=L)
+    return [Variant(name, op, cond, base)]
+
+
+# =========================================================================== statistics
+def wilson_interval(k: float, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Wilson score interval (95 % by default) for k successes in n trials."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    p = k / n
+    den = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    # exact ends at k = 0 and k = n (the formula leaves ~1e-17 of round-off there)
+    return (0.0 if k <= 0 else max(0.0, centre - half)), (1.0 if k >= n else min(1.0, centre + half))
+
+
+# =========================================================================== run
+@dataclass(eq=False)  # identity semantics: items hold tensors
+class _Item:
+    index: int
+    item: dict
+    prompt: iv.TokenSequence | None = None
+    answers: list[list[int]] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+
+
+def _load_categories(path, image_ids: set[str]) -> dict[str, list[str]]:
+    cats = pd.read_parquet(path, columns=["image_id", "token", "label"])
+    bad = sorted(set(cats["label"].unique()) - set(iv.LABELS))
+    if bad:
+        raise ValueError(f"{path}: unknown labels {bad}; expected {', '.join(iv.LABELS)}")
+    cats = cats[cats["image_id"].isin(image_ids)].sort_values(["image_id", "token"])
+    out = {}
+    for image_id, g in cats.groupby("image_id", sort=False):
+        tok = g["token"].to_numpy()
+        if not np.array_equal(tok, np.arange(len(tok))):
+            raise ValueError(f"{path}: tokens of image {image_id!r} are not 0..n-1")
+        out[str(image_id)] = g["label"].astype(str).tolist()
+    return out
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+class _Scorer:
+    """Scores the choices of items under one variant, in batches (halved on CUDA OOM).
+
+    With `pack`, an item's choices share one sequence (:func:`~.interventions.pack_choices`:
+    prompt once, answers side by side, each seeing the prompt and itself only), which is
+    several times cheaper than one sequence per choice and gives the same scores up to float
+    round-off; items for which packing would not be exact (short sliding windows) fall back
+    to one sequence per choice.
+    """
+
+    def __init__(self, model, num_layers: int, batch_size: int, pack: bool = True):
+        self.model = model
+        self.N = num_layers
+        self.batch_size = max(1, int(batch_size))
+        self.pack = pack
+
+    def _units(self, items: Sequence[_Item]) -> list[tuple[_Item, list[int]]]:
+        units = []
+        for it in items:
+            total = len(it.prompt) + sum(len(a) for a in it.answers)
+            if self.pack and len(it.answers) > 1 and iv.packing_is_exact(self.model, total):
+                units.append((it, list(range(len(it.answers)))))
+            else:
+                units.extend((it, [c]) for c in range(len(it.answers)))
+        return units
+
+    def _build(self, it: _Item, choices: list[int]):
+        if len(choices) > 1:
+            return iv.pack_choices(self.model, it.prompt, [it.answers[c] for c in choices])
+        ans = it.answers[choices[0]]
+        P = len(it.prompt)
+        seq = iv.append_text(self.model, it.prompt, ans)
+        return seq, [torch.arange(P - 1, P - 1 + len(ans))], [torch.tensor(ans)]
+
+    def score(self, items: Sequence[_Item], variant: Variant) -> dict[int, list[float]]:
+        work = self._units(items)
+        scores: dict[int, list[float]] = {it.index: [math.nan] * len(it.answers) for it in items}
+        pos = 0
+        while pos < len(work):
+            chunk = work[pos:pos + self.batch_size]
+            try:
+                seqs, plans, want, targets = [], [], [], []
+                for it, choices in chunk:
+                    seq, w, t = self._build(it, choices)
+                    seqs.append(seq)
+                    plans.append(iv.plan_for(seq, it.labels, variant.intervention, self.N))
+                    want.append(torch.cat(w))
+                    targets.append(t)
+                res = iv.forward(self.model, seqs, plans, want)
+            except RuntimeError as exc:
+                if _is_oom(exc) and self.batch_size > 1:
+                    torch.cuda.empty_cache()
+                    self.batch_size //= 2
+                    log.warning("CUDA out of memory: batch size -> %d", self.batch_size)
+                    continue
+                raise
+            for (it, choices), lg, ts in zip(chunk, res.logits, targets):
+                for c, part, t in zip(choices, torch.split(lg, [len(t) for t in ts]), ts):
+                    scores[it.index][c] = iv.answer_logprob(part, t)
+            pos += len(chunk)
+        return scores
+
+
+def _visual_stats(prompt: iv.TokenSequence, plan: iv.Plan, N: int) -> tuple[int, int, float]:
+    """(visual tokens, visual tokens taking part in some layer, mean visual tokens per layer)."""
+    visual = torch.zeros(len(prompt), dtype=torch.bool, device=plan.keep.device)
+    visual[prompt.visual_pos] = True
+    per_layer = plan.visual_per_layer(N, visual)
+    kept = visual & plan.keep
+    if plan.absent is not None and len(plan.absent_layers) == N:
+        kept &= ~plan.absent
+    return int(visual.sum()), int(kept.sum()), float(np.mean(per_layer)) if N else 0.0
+
+
+def run_compress(
+    model_dir,
+    dataset_dir,
+    categories_parquet,
+    conditions: Sequence[dict] | None,
+    out_parquet,
+    *,
+    n_items: int | None = None,
+    seeds: Sequence[int] = (0, 1, 2),
+    repeats: int = 3,
+    device: str = "auto",
+    dtype: str = "float32",
+    batch_size: int = 16,
+    latency_items: int = 4,
+    chunk_items: int = 32,
+    answer_prefix: str | dict[str, str] = "",
+    answer_sep: str = "",
+    pack_choices: bool = True,
+    best_aligned_layer: int | None = None,
+    items_out=None,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Run the compression benchmark and write a tidy Parquet table to `out_parquet`.
+
+    `conditions`: condition dicts (module doc); None = :func:`default_conditions` (with
+    `best_aligned_layer`). `n_items`: the first n VQA items of the data set (None = all).
+    `seeds`: for random_matched conditions without their own ``seeds``. `repeats`: timed
+    prefill runs per prompt (after one warm-up) on the first `latency_items` prompts.
+    `batch_size`: sequences per forward pass (an item's packed choices, or one choice when
+    not packed; halved on CUDA OOM; results do not depend on it beyond float round-off).
+    `pack_choices`: score an item's choices in one shared-prompt sequence (see `_Scorer`).
+    `chunk_items`: items captured at a time (bounds memory). `answer_prefix` / `answer_sep`:
+    as in :mod:`embedlens.vqa`; the prefix may be a dict item type -> prefix (as ``embedlens.mini.evaluate.ANSWER_PREFIX``; missing types
+    get "").
+    `items_out`: optional Parquet path for the per-item predictions.
+
+    One row per (condition, seed, item type) plus ``item_type == "all"``; ``seed`` is <NA>
+    on the condition-level rows (for random_matched: mean over seeds, ``accuracy_sd``
+    across seeds, Wilson interval over the pooled trials) and set on the per-seed rows.
+    """
+    from embedlens import vqa
+    from embedlens.analysis.common import resolve_device, write_parquet
+    from embedlens.datasets.materialize import load_dataset
+
+    dev = resolve_device(device)
+    ds = load_dataset(dataset_dir)
+    items = list(ds.vqa)[: n_items if n_items is not None else None]
+    if not items:
+        raise ValueError(
+            f"data set {ds.name!r} has no VQA items; the compression benchmark needs multiple-choice "
+            "items (the synthetic source generates them; a manifest can list its own)"
+        )
+    for it in items:
+        if it.get("answer") not in it.get("choices", []):
+            raise ValueError(f"VQA item {it.get('item_id')!r}: answer {it.get('answer')!r} is not among "
+                             f"its choices {it.get('choices')!r}")
+    cats = _load_categories(categories_parquet, {it["image_id"] for it in items})
+    missing = sorted({it["image_id"] for it in items} - set(cats))
+    if missing:
+        raise ValueError(f"{categories_parquet}: no categorized tokens for {len(missing)} image(s) of the "
+                         f"VQA items (e.g. {missing[:3]}); run categorize on the same model and data set")
+
+    model, processor, adapter = iv.load_model(model_dir, device=dev, dtype=dtype,
+                                              trust_remote_code=trust_remote_code)
+    N = len(iv.decoder_layers(model))
+    shape = _cost.DecoderShape.from_model(model)
+    variants = parse_conditions(conditions if conditions is not None
+                                else default_conditions(N, best_aligned_layer), N, seeds)
+    scorer = _Scorer(model, N, batch_size, pack=pack_choices)
+
+    records: list[dict] = []
+    latency_prompts: list[_Item] = []
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(items) * len(variants), desc="compress", unit="item", disable=not progress)
+    try:
+        for start in range(0, len(items), max(1, chunk_items)):
+            chunk = []
+            for k, item in enumerate(items[start:start + chunk_items], start=start):
+                prefix = (answer_prefix.get(str(item.get("type")), "") if isinstance(answer_prefix, dict)
+                          else answer_prefix)
+                inputs = vqa.prepare_prompt(processor, ds.image(item["image_id"]), item["question"],
+                                            prefix, prompt_fn=adapter.format_prompt)
+                inputs = {k2: v.to(dev) for k2, v in inputs.items()}
+                prompt = iv.capture_sequence(model, inputs, item["image_id"])
+                answers = vqa.choice_token_ids(processor, item["choices"], answer_sep)
+                chunk.append(_Item(k, item, prompt, answers, cats[item["image_id"]]))
+            if not latency_prompts:
+                latency_prompts = chunk[: max(0, latency_items)]
+            for v in variants:
+                scores = scorer.score(chunk, v)
+                for it in chunk:
+                    plan = iv.plan_for(it.prompt, it.labels, v.intervention, N)
+                    base_plan = iv.plan_for(it.prompt, it.labels, iv.baseline(), N)
+                    n_vis, n_kept, per_layer = _visual_stats(it.prompt, plan, N)
+                    sc = scores[it.index]
+                    pred = int(np.argmax(sc))  # first of the maxima
+                    records.append({
+                        "condition": v.name, "op": v.op, "seed": v.seed, "n_seeds": v.n_seeds,
+                        "item_id": it.item.get("item_id"), "image_id": it.item["image_id"],
+                        "item_type": str(it.item.get("type")), "answer": it.item["answer"],
+                        "pred": it.item["choices"][pred], "correct": it.item["choices"][pred] == it.item["answer"],
+                        "n_choices": len(sc), "scores": [float(x) for x in sc],
+                        "visual_tokens": n_vis, "tokens_kept": n_kept, "visual_tokens_per_layer": per_layer,
+                        "flops": _cost.prefill_flops(shape, plan),
+                        "flops_baseline": _cost.prefill_flops(shape, base_plan),
+                    })
+                bar.update(len(chunk))
+            # free the captured prompts of this chunk (except the ones kept for timing)
+            for it in chunk:
+                if not any(it is lp for lp in latency_prompts):
+                    it.prompt = None
+    finally:
+        bar.close()
+
+    timing = {}
+    for v in tqdm(variants, desc="latency", unit="cond", disable=not progress):
+        seqs = [it.prompt for it in latency_prompts]
+        plans = [iv.plan_for(it.prompt, it.labels, v.intervention, N) for it in latency_prompts]
+        timing[v.key] = _cost.measure_prefill(model, seqs, plans, repeats=repeats)
+
+    per_item = pd.DataFrame.from_records(records)
+    per_item["seed"] = per_item["seed"].astype("Int64")
+    meta = {"model": str(model_dir), "dataset": ds.name, "device": str(dev), "dtype": str(dtype)}
+    table = _aggregate(per_item, variants, timing, meta)
+    # DataFrame.attrs travel in the Parquet metadata: the report lists the notes
+    import transformers
+
+    table.attrs["methods_notes"] = methods_notes(pack_choices)
+    table.attrs["settings"] = json.dumps({
+        "n_items": len(items), "seeds": list(seeds), "repeats": repeats, "latency_items": len(latency_prompts),
+        "batch_size": batch_size, "pack_choices": pack_choices, "answer_prefix": answer_prefix,
+        "answer_sep": answer_sep, "num_layers": N, "attn_implementation": iv.attn_implementation(model),
+        "transformers_version": transformers.__version__, "torch_version": torch.__version__, **meta})
+    write_parquet(table, out_parquet)
+    if items_out is not None:
+        write_parquet(per_item.assign(**meta), items_out)
+    return table
+
+
+def methods_notes(pack_choices: bool = True) -> list[dict]:
+    """The procedures of this benchmark that are the project's own ([ours], methods.md §5)."""
+    from embedlens.analysis.common import note
+
+    out = [
+        note("reference", "prune_position_ids",
+             "prune/keep/random_matched delete visual tokens before layer 0; survivors keep their original "
+             "position ids (gaps), as in the reference."),
+        note("ours", "mc_scoring",
+             "Multiple-choice accuracy: each choice is appended as token ids to the captured prompt (chat "
+             "template + question) and scored by its mean token log-probability under the intervened model; "
+             "the best choice is the prediction (ties: the first)."),
+        note("ours", "inject_exit_by_layer_subsets",
+             "inject(L)/exit(L) run the affected decoder layers on the token subset (hooks gather hidden "
+             "states, the layer's mask and rotary tables; absent tokens keep their state), so inject(L) "
+             "feeds raw h[0] visual tokens into layer L. Sliding-window layers keep the full sequence's "
+             "window positions."),
+        note("ours", "random_matched_seeding",
+             "random_matched draws per image from sha256(seed, image_id): identical for every question about "
+             "an image and independent of batching; when the groups outnumber their complement the whole "
+             "complement is deleted."),
+        note("ours", "flops_formula",
+             "Theoretical prefill FLOPs of the decoder only (2 per multiply-add): QKV/O projections, dense "
+             "attention scores and values, gated MLP, by tokens per layer; skip counts the skipped tokens as "
+             "keys/values only. skip is implemented by zeroing outputs, so its measured latency does not drop."),
+        note("ours", "latency_memory",
+             "Latency: batch-1 decoder prefill from the captured merged embeddings (vision tower excluded), "
+             "median of repeats after a warm-up, mean over the first prompts. Peak memory: CUDA "
+             "max_memory_allocated, on CPU sampled RSS and malloc bytes in use (mallinfo2)."),
+        note("ours", "accuracy_ci",
+             "Accuracy CI: Wilson 95 %; random_matched condition rows: mean and sd over seeds, Wilson over "
+             "the pooled trials."),
+    ]
+    if pack_choices:
+        out.append(note("ours", "choice_packing",
+                         "An item's choices share one sequence after a single copy of the prompt, each answer "
+                         "masked to see only the prompt and itself, with its own position ids (equal to one "
+                         "sequence per choice up to float round-off; not used where a sliding window is "
+                         "shorter than the packed sequence)."))
+    return out
+
+
+def _group_rows(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    return [("all", df)] + [(t, g) for t, g in sorted(df.groupby("item_type"), key=lambda x: x[0])]
+
+
+def _stats(df: pd.DataFrame) -> dict:
+    n = len(df)
+    k = int(df["correct"].sum())
+    lo, hi = wilson_interval(k, n)
+    return {
+        "n_items": n, "n_correct": float(k), "accuracy": k / n if n else float("nan"),
+        "ci_low": lo, "ci_high": hi, "chance": float((1.0 / df["n_choices"]).mean()),
+        "visual_tokens": float(df["visual_tokens"].mean()),
+        "tokens_kept": float(df["tokens_kept"].mean()),
+        "tokens_kept_frac": float(df["tokens_kept"].sum() / max(df["visual_tokens"].sum(), 1)),
+        "visual_tokens_per_layer": float(df["visual_tokens_per_layer"].mean()),
+        "flops": float(df["flops"].mean()),
+        "flops_rel": float(df["flops"].sum() / df["flops_baseline"].sum()),
+    }
+
+
+def _aggregate(per_item: pd.DataFrame, variants: Sequence[Variant], timing: dict, meta: dict) -> pd.DataFrame:
+    rows = []
+    by_name: dict[str, list[Variant]] = {}
+    for v in variants:
+        by_name.setdefault(v.name, []).append(v)
+    for name, vs in by_name.items():
+        v0 = vs[0]
+        common = {"condition": name, "op": v0.op,
+                  "groups": ",".join(v0.intervention.groups),
+                  "params": json.dumps(v0.condition, sort_keys=True, default=str)}
+        sub = per_item[per_item["condition"] == name]
+        random_op = v0.seed is not None
+        if random_op:
+            for v in vs:  # per-seed rows
+                sv = sub[sub["seed"] == v.seed]
+                for t, g in _group_rows(sv):
+                    rows.append({**common, "seed": v.seed, "n_seeds": 1, "item_type": t, **_stats(g),
+                                 "accuracy_sd": float("nan"), **timing[v.key]})
+        for t, g in _group_rows(sub):  # condition-level rows (seed <NA>)
+            st = _stats(g)
+            if random_op:
+                per_seed = g.groupby("seed")["correct"].mean()
+                n_items = int(g.groupby("seed").size().iloc[0])
+                st.update(n_items=n_items, n_correct=float(g["correct"].sum()) / len(vs),
+                          accuracy=float(per_seed.mean()),
+                          accuracy_sd=float(per_seed.std(ddof=1)) if len(per_seed) > 1 else float("nan"))
+                tm = {k: float(np.mean([timing[v.key][k] for v in vs])) for k in timing[v0.key]}
+            else:
+                st["accuracy_sd"] = float("nan")
+                tm = timing[v0.key]
+            rows.append({**common, "seed": None, "n_seeds": len(vs), "item_type": t, **st, **tm})
+    table = pd.DataFrame.from_records(rows)
+    table["seed"] = table["seed"].astype("Int64")
+    for k, val in meta.items():
+        table[k] = val
+    table["ci_method"] = "wilson95"
+    order = ["condition", "op", "groups", "seed", "n_seeds", "item_type", "n_items", "n_correct",
+             "accuracy", "ci_low", "ci_high", "accuracy_sd", "chance", "visual_tokens", "tokens_kept",
+             "tokens_kept_frac", "visual_tokens_per_layer", "flops", "flops_rel", "latency_ms",
+             "peak_mem_mb", "peak_mem_delta_mb", "params", "ci_method", *meta]
+    return table[order + [c for c in table.columns if c not in order]]
