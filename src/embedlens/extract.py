@@ -132,6 +132,9 @@ def extract_shard(model_dir: str | Path, dataset_dir: str | Path, out: str | Pat
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
         **{f"model_{k}": v for k, v in adapter.describe().items()},
+        # Unprefixed: the analyses read these two to place layers and the logit lens.
+        "num_layers": adapter.num_layers,
+        "final_norm_applied_to_last_layer": bool(adapter.final_norm_applied_to_last_layer),
     }
     store_dtype = settings.store_dtype
     while True:

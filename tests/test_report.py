@@ -1,0 +1,286 @@
+"""Reports: built from real analysis outputs of tiny models, rendered with papermill +
+nbconvert, and checked in a real headless browser (every figure loaded, no console error,
+nothing fetched from the network, every section present, missing inputs explained).
+
+The inputs come from the real code path: a tiny random LLaVA / Qwen2-VL
+(``embedlens.testing.tiny``), a materialized data set, ``extract_shard``, the vocabulary
+store, then categorize / layer lens / probe / align / compress.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from embedlens import report
+from embedlens.report import REPORT_SECTIONS, SUMMARY_SECTIONS, ReportError, render_report, render_summary
+
+REPO = Path(__file__).resolve().parents[1]
+REPORT_TEMPLATE = REPO / "notebooks" / "report.ipynb"
+SUMMARY_TEMPLATE = REPO / "notebooks" / "summary.ipynb"
+
+
+# --------------------------------------------------------------------------- inputs
+def _extract_and_vocab(model_dir: Path, dataset_dir: Path, root: Path, name: str):
+    from embedlens.extract import ExtractSettings, extract_shard
+    from embedlens.models.adapter import VLMAdapter
+    from embedlens.store import open_hidden, write_vocab
+
+    shard = extract_shard(model_dir, dataset_dir, root / "hidden" / "shard-0000.zarr", start=0, stop=10**6,
+                          settings=ExtractSettings(device="cpu", batch_size=4), model_name=name, progress=False)
+    (root / "hidden" / "hidden.json").write_text(json.dumps({"shards": [str(shard)]}))
+    adapter = VLMAdapter.load(str(model_dir), dtype="float32", device="cpu")
+    write_vocab(root / "vocab.zarr", adapter.embedding_matrix().float().numpy(), adapter.token_strings(),
+                adapter.special_token_ids(), {"model": name})
+    return open_hidden([shard]), adapter
+
+
+@pytest.fixture(scope="module")
+def labelled_outputs(tmp_path_factory):
+    """Tiny LLaVA × 8 synthetic images: every analysis, compression included."""
+    from embedlens.analysis import (
+        align, build_prompts, categorize, collect_text_states, layer_lens, probe, read_patch_labels)
+    from embedlens.compress import run_compress
+    from embedlens.datasets import materialize
+    from embedlens.testing.tiny import build_tiny_model
+
+    root = tmp_path_factory.mktemp("llava-synthetic")
+    model = build_tiny_model("llava", root / "model")
+    ds = materialize("synthetic", {"source": "synthetic", "n_images": 8, "seed": 0, "image_size": 64, "grid": 4},
+                     root / "datasets" / "synthetic")
+    hidden, adapter = _extract_and_vocab(model, ds, root, "tiny-llava")
+    labels = read_patch_labels(ds)
+    cat = root / "analysis" / "categorize"
+    categorize(hidden, root / "vocab.zarr", cat, labels=labels, device="cpu", progress=False,
+               model="tiny-llava", dataset="synthetic")
+    layer_lens(hidden, root / "vocab.zarr", root / "analysis" / "lens.zarr", lm_head=adapter.lm_head,
+               final_norm=adapter.final_norm, max_images=4, device="cpu", progress=False)
+    probe(hidden, cat, labels, root / "analysis" / "probe", n_bootstrap=30, vocab=root / "vocab.zarr",
+          progress=False)
+    text = collect_text_states(adapter.model, adapter.tokenizer, build_prompts(labels.tasks), device="cpu",
+                               progress=False)
+    align(hidden, cat, text, labels, root / "analysis" / "align", device="cpu", progress=False)
+    conditions = [{"op": "baseline"}, {"name": "prune_dead", "op": "prune", "groups": ["dead"]},
+                  {"name": "random_dead", "op": "random_matched", "groups": ["dead"], "seeds": [0, 1]},
+                  {"op": "skip", "groups": ["visual"], "sublayers": "mlp"}, {"op": "inject", "layer": 1}]
+    run_compress(model, ds, cat / "categories.parquet", conditions, root / "analysis" / "compress.parquet",
+                 n_items=8, repeats=1, latency_items=2, device="cpu", progress=False)
+    return {
+        "model": "tiny-llava", "dataset": "synthetic", "dataset_dir": str(ds),
+        "hidden_index": str(root / "hidden" / "hidden.json"), "vocab": str(root / "vocab.zarr"),
+        "categorize_dir": str(cat), "lens_path": str(root / "analysis" / "lens.zarr"),
+        "probe_dir": str(root / "analysis" / "probe"), "align_dir": str(root / "analysis" / "align"),
+        "compress_parquet": str(root / "analysis" / "compress.parquet"),
+        "config_hash": "test-config", "timings": {"extract_hidden": 1.25},
+    }
+
+
+@pytest.fixture(scope="module")
+def unlabelled_outputs(tmp_path_factory):
+    """Tiny Qwen2-VL × 2 scikit-image photos: no labels, no VQA items, no configured
+    anchors; the lens and compression steps are not given at all."""
+    from embedlens.analysis import align, build_prompts, categorize, collect_text_states, probe, read_patch_labels
+    from embedlens.datasets import materialize
+    from embedlens.testing.tiny import build_tiny_model
+
+    root = tmp_path_factory.mktemp("qwen-skimage")
+    model = build_tiny_model("qwen2_vl", root / "model")
+    ds = materialize("photos", {"source": "skimage", "limit": 2}, root / "datasets" / "photos")
+    hidden, adapter = _extract_and_vocab(model, ds, root, "tiny-qwen2-vl")
+    labels = read_patch_labels(ds)
+    assert labels.empty
+    cat = root / "analysis" / "categorize"
+    categorize(hidden, root / "vocab.zarr", cat, anchors=None, labels=labels, device="cpu", progress=False)
+    probe(hidden, cat, labels, root / "analysis" / "probe", progress=False)
+    text = collect_text_states(adapter.model, adapter.tokenizer, build_prompts(labels.tasks), device="cpu",
+                               progress=False)
+    align(hidden, cat, text, labels, root / "analysis" / "align", device="cpu", progress=False)
+    return {
+        "model": "tiny-qwen2-vl", "dataset": "photos", "dataset_dir": str(ds),
+        "hidden_index": str(root / "hidden" / "hidden.json"), "vocab": str(root / "vocab.zarr"),
+        "categorize_dir": str(cat), "lens_path": None, "probe_dir": str(root / "analysis" / "probe"),
+        "align_dir": str(root / "analysis" / "align"), "compress_parquet": None,
+    }
+
+
+@pytest.fixture(scope="module")
+def reports_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("results") / "reports"
+
+
+@pytest.fixture(scope="module")
+def labelled_report(labelled_outputs, reports_dir):
+    out = reports_dir / "tiny-llava" / "synthetic"
+    html = render_report(REPORT_TEMPLATE, out.with_suffix(".html"), out.with_suffix(".ipynb"), labelled_outputs)
+    return html
+
+
+@pytest.fixture(scope="module")
+def unlabelled_report(unlabelled_outputs, reports_dir):
+    out = reports_dir / "tiny-qwen2-vl" / "photos"
+    return render_report(REPORT_TEMPLATE, out.with_suffix(".html"), out.with_suffix(".ipynb"), unlabelled_outputs)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    pytest.importorskip("playwright", reason="the browser checks need the playwright package (test extra)")
+    from embedlens.testing.browser import BrowserNotFoundError, check_page, find_chromium
+
+    try:
+        find_chromium()
+    except BrowserNotFoundError as exc:
+        pytest.skip(str(exc))
+    return check_page
+
+
+def _section(page: dict, heading: str) -> str:
+    for s in page["sections"]:
+        if s["heading"] == heading:
+            return s["text"]
+    raise AssertionError(f"section {heading!r} not on the page; headings: {[s['heading'] for s in page['sections']]}")
+
+
+def _assert_clean_page(page: dict, min_images: int) -> None:
+    assert page["console_errors"] == [], page["console_errors"]
+    assert page["external_requests"] == [], page["external_requests"]
+    assert page["failed_requests"] == [], page["failed_requests"]
+    assert page["scripts"] == [] and page["stylesheets"] == []
+    assert len(page["images"]) >= min_images, page["images"]
+    broken = [im for im in page["images"] if not (im["naturalWidth"] > 0 and im["naturalHeight"] > 0)]
+    assert not broken, f"images that did not load: {broken}"
+    assert all(im["src"].startswith("data:image/png") for im in page["images"])
+
+
+# --------------------------------------------------------------------------- tests
+def test_report_renders_every_section_in_a_browser(labelled_report, browser, tmp_path):
+    html = Path(labelled_report)
+    assert html.exists() and html.with_suffix(".ipynb").exists()
+    assert not list(html.parent.glob(".*tmp*")), "temporary files left behind"
+    text = html.read_text()
+    # self-contained: no tag loads anything from elsewhere (figures are data: URIs)
+    assert not re.search(r"<script[^>]+src=", text) and not re.search(r"<link[^>]+href=[\"']?https?:", text)
+    page = browser(html, tmp_path / "report.png")
+    assert Path(page["screenshot"]).stat().st_size > 10_000
+    _assert_clean_page(page, min_images=9)  # shares, maps, patches, norms, anchors, probe, align, 2 compress
+    assert page["title"] == "EmbedLens report: tiny-llava × synthetic"
+    headings = [h["text"] for h in page["headings"]]
+    for s in REPORT_SECTIONS:
+        assert s in headings, f"missing section {s!r}"
+    ids = {h["id"] for h in page["headings"]}
+    assert {"Category-shares", "Methods-and-deviations"} <= ids  # stable anchors for links
+    # every analysis was given: no section says something is missing
+    for s in REPORT_SECTIONS:
+        assert "Not shown:" not in _section(page, s), (s, _section(page, s)[:500])
+    assert "alive share" in _section(page, "Category shares").lower()
+    words = _section(page, "Nearest words by layer")
+    assert "h[0]" in words and "Logit lens" in words
+    assert "selectivity" in _section(page, "Probe accuracy and selectivity")
+    assert "Best-aligned layer" in _section(page, "Layer alignment")
+    comp = _section(page, "Compression benchmark")
+    assert "prune_dead" in comp and "random_dead" in comp and "Accuracy vs cost" in comp
+    prov = _section(page, "Provenance")
+    assert "788cf358" in prov or "settings hash" in prov
+    assert "test-config" in prov and "extract_hidden" in prov and "transformers" in prov
+    methods = _section(page, "Methods and deviations")
+    for proc in ("anchor_discovery", "patch_compression_hitk", "layer_alignment", "control_task",
+                 "random_matched_empty_groups"):
+        assert proc in methods, proc
+    assert "[ours]" in methods and "[deviation]" in methods
+
+
+def test_report_without_labels_anchors_lens_or_vqa_says_why(unlabelled_report, browser, tmp_path):
+    page = browser(unlabelled_report, tmp_path / "unlabelled.png")
+    _assert_clean_page(page, min_images=4)  # shares, maps, norms, anchor evidence, align
+    headings = [h["text"] for h in page["headings"]]
+    assert all(s in headings for s in REPORT_SECTIONS)
+    assert "no labels" in _section(page, "Probe accuracy and selectivity")
+    assert "Not shown:" in _section(page, "Probe accuracy and selectivity")
+    assert "lens.zarr" in _section(page, "Nearest words by layer")
+    assert "no multiple-choice VQA items" in _section(page, "Compression benchmark")
+    anchors = _section(page, "Anchors and evidence")
+    assert "discovered" in anchors and "No anchor for" in anchors
+    assert "only mean_max_cos" in _section(page, "Layer alignment")
+    assert "none (unlabelled data set)" in _section(page, "Provenance")
+    methods = _section(page, "Methods and deviations")
+    assert "the probe step was skipped: no labels" in methods
+
+
+def test_summary_links_every_report(labelled_report, unlabelled_report, labelled_outputs, unlabelled_outputs,
+                                    reports_dir, browser, tmp_path):
+    entries = []
+    for outputs, html in ((labelled_outputs, labelled_report), (unlabelled_outputs, unlabelled_report)):
+        entries.append({"model": outputs["model"], "dataset": outputs["dataset"], "report_html": str(html),
+                        "categorize_dir": outputs["categorize_dir"], "align_dir": outputs["align_dir"],
+                        "compress_parquet": outputs["compress_parquet"]})
+    index = render_summary(SUMMARY_TEMPLATE, reports_dir / "index.html", reports_dir / "index.ipynb", entries)
+    text = Path(index).read_text()
+    hrefs = re.findall(r'href="([^"#]+\.html)"', text)
+    assert hrefs == ["tiny-llava/synthetic.html", "tiny-qwen2-vl/photos.html"] * (len(hrefs) // 2) and hrefs
+    assert all((Path(index).parent / h).exists() for h in hrefs)
+    page = browser(index, tmp_path / "index.png")
+    _assert_clean_page(page, min_images=2)  # alive shares, compression deltas
+    headings = [h["text"] for h in page["headings"]]
+    assert all(s in headings for s in SUMMARY_SECTIONS)
+    assert "tiny-qwen2-vl × photos" in _section(page, "Reports")
+    assert "prune_dead" in _section(page, "Compression deltas vs baseline")
+
+
+def test_failing_cell_raises_with_its_error(tmp_path):
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    nb = new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+                                "language_info": {"name": "python"}})
+    nb.cells = [new_code_cell("x = 1", metadata={"tags": ["parameters"]}),
+                new_code_cell("import sys\nprint(sys.executable)"),
+                new_code_cell("raise ValueError(f'broken input {x}')")]
+    template = tmp_path / "bad.ipynb"
+    nbformat.write(nb, template)
+    out = tmp_path / "out"
+    with pytest.raises(ReportError, match=r"cell 3 .*ValueError: broken input 7") as err:
+        render_report(template, out / "bad.html", out / "bad.ipynb", {"x": 7})
+    assert "raise ValueError" in str(err.value)  # the failing cell's source is in the message
+    assert not (out / "bad.html").exists() and not (out / "bad.ipynb").exists()
+    kept = out / "bad.failed.ipynb"
+    assert kept.exists()
+    executed = nbformat.read(kept, as_version=4)
+    printed = [c for c in executed.cells if c.get("source", "").startswith("import sys")][0]
+    # the kernel ran this interpreter, whatever kernelspecs are installed
+    assert printed["outputs"][0]["text"].strip() == sys.executable
+
+
+def test_sections_with_no_inputs_explain_instead_of_failing():
+    inp = report.load_inputs("some-model", "some-data")
+    assert {"dataset", "hidden", "vocab", "categorize", "lens", "probe", "align", "compress"} <= set(inp.missing)
+    for fn in (report.section_header, report.section_provenance, report.section_category_shares,
+               report.section_category_maps, report.section_nearest_words, report.section_norms,
+               report.section_anchors, report.section_probe, report.section_alignment,
+               report.section_compression, report.section_methods):
+        items = fn(inp)
+        assert items, fn.__name__
+    shares = report.section_category_shares(inp)[0]._repr_html_()
+    assert "Not shown" in shares and "categorize" in shares
+    rows = report.load_summary_rows([{"model": "m", "dataset": "d"}])
+    for fn in (report.summary_reports, report.summary_alive, report.summary_anchors, report.summary_alignment,
+               report.summary_compression):
+        assert fn(rows)
+
+
+def test_reference_line_and_configured_anchors(labelled_outputs):
+    params = {k: v for k, v in labelled_outputs.items() if k not in ("model", "dataset")}
+    inp = report.load_inputs("llava-1.5-7b", "synthetic", **params)
+    assert inp.is_reference  # detected from the name
+    text = report.section_category_shares(inp)[0].data
+    assert "paper's reference" in text and "60 %" in text
+    inp.anchors = {"source": "configured", "anchors": {"vit_sink": [1], "llm_sink": [], "dead": [2]},
+                   "anchor_strings": {"vit_sink": ["a"], "llm_sink": [], "dead": ["b"]},
+                   "evidence": {"status": "configured anchors: no discovery run"}}
+    html = "".join(x._repr_html_() if hasattr(x, "_repr_html_") else str(getattr(x, "data", ""))
+                   for x in report.section_anchors(inp))
+    assert "configured" in html and "No anchor for llm_sink" in html
+    assert not report.looks_like_reference_model("embedlens-mini", "llava-1.5-13b")
+    assert report.looks_like_reference_model(None, "llava-hf/llava-1.5-7b-hf")
