@@ -16,6 +16,9 @@ CFG = normalize(config)
 MODELS = CFG["models"]
 DATASETS = CFG["datasets"]
 BUILTIN_MODEL_DIR = "resources/models/{name}"
+# Report templates live in the repository, wherever the workflow's working directory is.
+REPO = Path(workflow.basedir).parent
+TEMPLATES = {name: str(REPO / "notebooks" / f"{name}.ipynb") for name in ("report", "summary")}
 
 
 def _check_models():
@@ -75,10 +78,30 @@ def uses_gpu(model):
     return int(device == "auto" and shutil.which("nvidia-smi") is not None)
 
 
-def n_images(dataset):
-    """Images of a materialized data set (checkpoint: known once it is materialized)."""
+def dataset_meta(dataset):
+    """dataset.json of a materialized data set (a checkpoint: known once materialized)."""
     out = checkpoints.materialize_dataset.get(dataset=dataset).output[0]
-    return json.loads(Path(out, "dataset.json").read_text())["n_images"]
+    return json.loads(Path(out, "dataset.json").read_text())
+
+
+def n_images(dataset):
+    return dataset_meta(dataset)["n_images"]
+
+
+def has_vqa(dataset):
+    """Whether a data set has multiple-choice items (decides the compress job).
+
+    Known from the config alone, without the checkpoint: re-planning a finished workflow
+    must plan nothing, and Snakemake re-plans jobs whose params read checkpoint outputs.
+    """
+    spec = DATASETS[dataset]
+    if spec["source"] == "synthetic":
+        return True
+    if spec["source"] == "manifest":
+        from embedlens.datasets.sources import manifest_has_vqa
+
+        return manifest_has_vqa(spec["path"])
+    return False
 
 
 def shard_paths(wildcards):
@@ -95,8 +118,78 @@ def shard_range(wildcards):
 
 
 def all_targets():
-    targets = []
+    """The default target: every report (which pulls in every analysis) and the index."""
+    return ["results/reports/index.html"] + [
+        f"results/reports/{model}/{dataset}.html" for model, dataset in pairs()]
+
+
+def section(name):
+    """A config section as one JSON param: changing any of its knobs reruns the rule."""
+    return json.dumps(CFG[name], sort_keys=True)
+
+
+def trust_flag(wc):
+    return "--trust-remote-code" if MODELS[wc.model]["trust_remote_code"] else ""
+
+
+def analysis_paths(model, dataset):
+    """Every input of a model x data set's report, by name."""
+    base = f"results/analysis/{model}/{dataset}"
+    return {
+        "dataset": f"results/datasets/{dataset}",
+        "hidden": f"results/hidden/{model}/{dataset}/hidden.json",
+        "vocab": f"results/hidden/{model}/vocab.zarr",
+        "categorize": f"{base}/categorize",
+        "lens": f"{base}/lens.zarr",
+        "probe": f"{base}/probe",
+        "align": f"{base}/align",
+        "compress": f"{base}/compress.parquet",
+    }
+
+
+def report_inputs(wc):
+    files = {"template": TEMPLATES["report"], **analysis_paths(wc.model, wc.dataset)}
+    if not has_vqa(wc.dataset):
+        del files["compress"]
+    return files
+
+
+def model_id(model):
+    entry = MODELS[model]
+    return entry.get("hf_id") or entry.get("builtin") or entry.get("path")
+
+
+def report_parameters(wc):
+    paths = analysis_paths(wc.model, wc.dataset)
+    return json.dumps({
+        "model": wc.model,
+        "dataset": wc.dataset,
+        "model_id": model_id(wc.model),
+        "dataset_dir": paths["dataset"],
+        "hidden_index": paths["hidden"],
+        "vocab": paths["vocab"],
+        "categorize_dir": paths["categorize"],
+        "lens_path": paths["lens"],
+        "probe_dir": paths["probe"],
+        "align_dir": paths["align"],
+        "compress_parquet": paths["compress"] if has_vqa(wc.dataset) else None,
+        "n_sample_images": CFG["report"]["n_sample_images"],
+        "n_sample_patches": CFG["report"]["n_sample_patches"],
+    }, sort_keys=True)
+
+
+def summary_entries(wc):
+    entries = []
     for model, dataset in pairs():
-        targets.append(f"results/hidden/{model}/{dataset}/hidden.json")
-        targets.append(f"results/hidden/{model}/vocab.zarr")
-    return targets
+        paths = analysis_paths(model, dataset)
+        entries.append({
+            "model": model,
+            "dataset": dataset,
+            "model_id": model_id(model),
+            "report_html": f"results/reports/{model}/{dataset}.html",
+            "categorize_dir": paths["categorize"],
+            "align_dir": paths["align"],
+            "probe_dir": paths["probe"],
+            "compress_parquet": paths["compress"] if has_vqa(dataset) else None,
+        })
+    return json.dumps(entries, sort_keys=True)

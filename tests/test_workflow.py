@@ -46,6 +46,9 @@ def write_config(workdir: Path, models: dict, n_images: int = 6) -> dict:
                                 "image_size": 64, "grid": 4}},
         "extraction": {"batch_size": 2, "shard_size": 4, "device": "cpu",
                        "store_dtype": "float32", "vision_layers": [-1]},
+        "lens": {"max_images": 2},
+        "probe": {"bootstrap": 20, "min_tokens": 5},
+        "compress": {"n_items": 6, "seeds": [0, 1], "repeats": 1},
     }
     (workdir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     return cfg
@@ -85,6 +88,16 @@ def finished(tmp_path_factory, models_dir):
     return work
 
 
+def test_run_produces_every_output(finished):
+    analysis = finished / "results/analysis/tiny/shapes"
+    for name in ("categorize/categories.parquet", "categorize/summary.json",
+                 "categorize/anchors.json", "lens.zarr", "probe/probe.parquet",
+                 "align/align.parquet", "align/align_summary.json", "compress.parquet"):
+        assert (analysis / name).exists(), name
+    for name in ("tiny/shapes.html", "tiny/shapes.ipynb", "index.html", "index.ipynb"):
+        assert (finished / "results/reports" / name).exists(), name
+
+
 def test_run_produces_store_with_named_dims(finished):
     index = json.loads((finished / "results/hidden/tiny/shapes/hidden.json").read_text())
     assert index["n_images"] == 6 and len(index["shards"]) == 2  # shard_size 4
@@ -115,6 +128,7 @@ def test_adding_a_model_plans_only_its_jobs(finished, models_dir, tmp_path):
     proc = snakemake(work, "-n")
     jobs = planned_jobs(proc)
     assert jobs.get("extract_hidden") == 2 and jobs.get("export_vocab") == 1, jobs
+    assert jobs.get("render_report") == 1 and jobs.get("render_summary") == 1, jobs
     assert "materialize_dataset" not in jobs
     wildcards = planned_wildcards(proc)
     assert wildcards and all("model=tiny-qwen" in w for w in wildcards), wildcards
@@ -128,6 +142,16 @@ def test_changing_extraction_prompt_reruns_extraction_only(finished, models_dir,
     (work / "config.yaml").write_text(yaml.safe_dump(cfg))
     jobs = planned_jobs(snakemake(work, "-n"))
     assert jobs.get("extract_hidden") == 2 and "materialize_dataset" not in jobs, jobs
+
+
+def test_changing_a_probe_setting_plans_only_probe_and_reports(finished, tmp_path):
+    work = tmp_path / "wf"
+    shutil.copytree(finished, work, symlinks=True)
+    cfg = yaml.safe_load((work / "config.yaml").read_text())
+    cfg["probe"]["C"] = 0.5
+    (work / "config.yaml").write_text(yaml.safe_dump(cfg))
+    jobs = planned_jobs(snakemake(work, "-n"))
+    assert set(jobs) == {"probe_tokens", "render_report", "render_summary", "all"}, jobs
 
 
 @pytest.mark.parametrize("mutate, message", [

@@ -120,6 +120,100 @@ def cmd_eval_model(args) -> int:
     return 0
 
 
+def _open_index(path):
+    """The joined hidden-state store of a model x data set, from its hidden.json index."""
+    from .store import open_hidden
+
+    return open_hidden(json.loads(Path(path).read_text())["shards"])
+
+
+def _labels(dataset_dir):
+    from .analysis import read_patch_labels
+
+    meta = json.loads((Path(dataset_dir) / "dataset.json").read_text())
+    return read_patch_labels(dataset_dir) if meta.get("label_tasks") else None
+
+
+def cmd_categorize(args) -> int:
+    from .analysis import categorize, config_kwargs
+
+    summary = categorize(_open_index(args.hidden), args.vocab, args.out,
+                         anchors=args.anchors or None, labels=_labels(args.dataset_dir),
+                         model=args.model_name, dataset=args.dataset_name,
+                         **config_kwargs("categorize", args.settings))
+    print(f"{args.out}: alive share (top-k) {summary['shares']['topk'].get('alive', 0):.3f}, "
+          f"anchors {summary['anchors']}")
+    return 0
+
+
+def cmd_lens(args) -> int:
+    from .analysis import config_kwargs, layer_lens
+    from .models.adapter import VLMAdapter
+
+    adapter = VLMAdapter.load(args.model_dir, dtype="float32", device="cpu",
+                              trust_remote_code=args.trust_remote_code)
+    layer_lens(_open_index(args.hidden), args.vocab, args.out, lm_head=adapter.lm_head,
+               final_norm=adapter.final_norm, model=args.model_name, dataset=args.dataset_name,
+               **config_kwargs("lens", args.settings))
+    print(f"{args.out}: written")
+    return 0
+
+
+def cmd_text_states(args) -> int:
+    from .analysis import build_prompts, collect_text_states
+    from .models.adapter import VLMAdapter
+
+    meta = json.loads((Path(args.dataset_dir) / "dataset.json").read_text())
+    adapter = VLMAdapter.load(args.model_dir, dtype="float32", device=args.device,
+                              trust_remote_code=args.trust_remote_code)
+    prompts = build_prompts(meta.get("label_tasks") or None,
+                            extra_words=args.settings.get("extra_words", ()))
+    states = collect_text_states(adapter.model, adapter.tokenizer, prompts, device=args.device)
+    states.save(args.out)
+    print(f"{args.out}: {len(prompts)} prompts")
+    return 0
+
+
+def cmd_probe(args) -> int:
+    from .analysis import config_kwargs, probe
+
+    summary = probe(_open_index(args.hidden), Path(args.categories) / "categories.parquet",
+                    _labels(args.dataset_dir), args.out, model=args.model_name,
+                    dataset=args.dataset_name, **config_kwargs("probe", args.settings))
+    print(f"{args.out}: {summary.get('status')}")
+    return 0
+
+
+def cmd_align(args) -> int:
+    from .analysis import TextStates, align, config_kwargs
+
+    summary = align(_open_index(args.hidden), Path(args.categories) / "categories.parquet",
+                    TextStates.load(args.text_states), _labels(args.dataset_dir), args.out,
+                    model=args.model_name, dataset=args.dataset_name,
+                    **config_kwargs("align", args.settings))
+    print(f"{args.out}: best layers {summary.get('best_layer')}")
+    return 0
+
+
+def cmd_compress(args) -> int:
+    from .compress.benchmark import run_compress
+
+    s = dict(args.settings)
+    conditions = s.pop("conditions", "default")
+    best = None
+    if args.align_summary and s.pop("use_best_aligned_layer", True):
+        info = json.loads(Path(args.align_summary).read_text()).get("best_layer", {})
+        best = (info.get("h0/alive") or {}).get("layer")
+    s.pop("use_best_aligned_layer", None)
+    table = run_compress(args.model_dir, args.dataset_dir,
+                         Path(args.categories) / "categories.parquet",
+                         None if conditions == "default" else conditions, args.out,
+                         best_aligned_layer=best, trust_remote_code=args.trust_remote_code,
+                         **s)
+    print(table.to_string(max_rows=60))
+    return 0
+
+
 # ---------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="embedlens", description=__doc__.splitlines()[0])
@@ -188,10 +282,58 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=12345)
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_eval_model)
+    def analysis_parser(name, help_text, *, hidden=True, model_dir=False):
+        s = sub.add_parser(name, help=help_text)
+        if hidden:
+            s.add_argument("--hidden", required=True, help="hidden.json index of the shards")
+        if model_dir:
+            s.add_argument("--model-dir", required=True)
+            s.add_argument("--trust-remote-code", action="store_true")
+        s.add_argument("--dataset-dir", required=not model_dir or name != "lens", default=None)
+        s.add_argument("--settings", type=_json_arg, default={}, help="the config section, JSON")
+        s.add_argument("--model-name", default=None)
+        s.add_argument("--dataset-name", default=None)
+        s.add_argument("--out", required=True)
+        return s
+
+    s = analysis_parser("categorize", "sink / dead / alive categorization (methods.md 1)")
+    s.add_argument("--vocab", required=True)
+    s.add_argument("--anchors", type=_json_arg, default={}, help="configured anchor ids, JSON")
+    s.set_defaults(func=cmd_categorize)
+
+    s = analysis_parser("lens", "embedding lens and logit lens per layer", model_dir=True)
+    s.add_argument("--vocab", required=True)
+    s.set_defaults(func=cmd_lens)
+
+    s = analysis_parser("text-states", "text hidden states of label-word captions (for align)",
+                        hidden=False, model_dir=True)
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=cmd_text_states)
+
+    s = analysis_parser("probe", "probing classifiers and the hit@k check (methods.md 2)")
+    s.add_argument("--categories", required=True, help="the categorize output directory")
+    s.set_defaults(func=cmd_probe)
+
+    s = analysis_parser("align", "layer alignment with text states (methods.md 3)")
+    s.add_argument("--categories", required=True)
+    s.add_argument("--text-states", required=True)
+    s.set_defaults(func=cmd_align)
+
+    s = analysis_parser("compress", "compression benchmark (methods.md 4)", hidden=False,
+                        model_dir=True)
+    s.add_argument("--categories", required=True)
+    s.add_argument("--align-summary", default=None, help="align_summary.json (best layer)")
+    s.set_defaults(func=cmd_compress)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("report", "summary"):
+        # Rendering has its own parser (embedlens.report): `embedlens report --help`.
+        from . import report
+
+        return report.main(argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

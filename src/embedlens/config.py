@@ -31,21 +31,22 @@ DEFAULTS: dict[str, Any] = {
         "shard_size": 64,
         "prompt": "Describe the image.",
     },
+    # Analysis sections: the keys map onto the entry points' keyword arguments
+    # (embedlens.analysis.common.CONFIG_KEYS); anything not set uses the library default.
     "categorize": {
         "top_k": 3,
         "exclude_special": True,
         "discover_anchors": True,
         "vit_norm_z": 6.0,
         "llm_norm_z": 6.0,
-        "llm_sink_layers": [1, 2, 3],
         "hub_min_share": 0.05,
         "hub_min_image_share": 0.5,
+        "hub_max_label_info": 0.2,
         "block_rows": 8192,
     },
-    "lens": {"top_k": 5, "layers": "all"},
+    "lens": {"top_k": 5, "layers": "all", "max_images": 16},
     "probe": {
         "layers": "all",
-        "tasks": [],
         "groups": ["all", "alive", "dead", "sink"],
         "test_fraction": 0.3,
         "min_tokens": 20,
@@ -53,15 +54,22 @@ DEFAULTS: dict[str, Any] = {
         "max_iter": 300,
         "C": 1.0,
         "seed": 0,
-        "hit_k": 3,
     },
     "align": {
         "layers": "all",
         "groups": ["all", "alive", "dead", "sink"],
-        "centring": "mean",
         "extra_words": [],
         "seed": 0,
     },
+    "compress": {
+        "conditions": "default",
+        "n_items": 64,
+        "seeds": [0, 1, 2],
+        "repeats": 3,
+        "batch_size": 8,
+        "use_best_aligned_layer": True,
+    },
+    "report": {"n_sample_images": 4, "n_sample_patches": 6},
 }
 
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {

@@ -1,0 +1,35 @@
+"""Analyses over the cached hidden states (methods.md §1–§3).
+
+* :func:`categorize` – EmbedLens sink/dead/alive categorization (+ anchor discovery [ours]);
+* :func:`layer_lens` – embedding lens and logit lens per layer, stored as Zarr;
+* :func:`probe` – probing classifiers with control tasks, and the hit@k check [ours];
+* :func:`align` – layer alignment with text hidden states [ours].
+
+Every entry point takes the hidden-state store (``embedlens.store.open_hidden``) and writes
+files into an output directory; output names and columns: docs/architecture.md,
+"Analysis outputs".
+"""
+
+from .align import TextStates, align, build_prompts, collect_text_states, linear_cka
+from .anchors import discover_anchors
+from .categorize import (
+    GROUPS,
+    LABELS,
+    REFERENCE_ALIVE_SHARE,
+    REFERENCE_ANCHORS,
+    apply_rule,
+    categorize,
+    compute_h0_neighbours,
+    read_categories,
+)
+from .common import PatchLabels, Vocab, VocabIndex, config_kwargs, load_vocab, read_patch_labels
+from .lens import layer_lens, open_lens
+from .probe import hit_at_k, probe
+
+__all__ = [
+    "GROUPS", "LABELS", "REFERENCE_ALIVE_SHARE", "REFERENCE_ANCHORS",
+    "PatchLabels", "TextStates", "Vocab", "VocabIndex",
+    "align", "apply_rule", "build_prompts", "categorize", "collect_text_states", "config_kwargs",
+    "compute_h0_neighbours", "discover_anchors", "hit_at_k", "layer_lens", "linear_cka",
+    "load_vocab", "open_lens", "probe", "read_categories", "read_patch_labels",
+]

@@ -522,3 +522,17 @@ SOURCE_FUNCTIONS: dict[str, Callable[..., SourceData]] = {
     "folder": folder_source,
     "manifest": manifest_source,
 }
+
+
+def manifest_has_vqa(path: str | Path) -> bool:
+    """Whether a manifest carries any multiple-choice item (cheap: no image is read).
+
+    The workflow asks this at planning time to know whether a compress job exists.
+    A missing or unreadable manifest answers False; materializing it reports the error.
+    """
+    path = Path(path)
+    try:
+        rows = _read_csv(path) if path.suffix.lower() == ".csv" else _read_jsonl(path)
+    except (OSError, ManifestError):
+        return False
+    return any(r.vqa for r in rows)

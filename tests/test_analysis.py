@@ -1,0 +1,586 @@
+"""Tests of the analyses (categorize, anchors, lens, probe, align) on constructed data.
+
+Hidden-state stores are built in memory in the documented format (docs/architecture.md),
+with planted structure whose answer is known exactly.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import xarray as xr
+
+from embedlens.analysis import (
+    PatchLabels,
+    TextStates,
+    Vocab,
+    VocabIndex,
+    align,
+    apply_rule,
+    build_prompts,
+    categorize,
+    collect_text_states,
+    compute_h0_neighbours,
+    discover_anchors,
+    hit_at_k,
+    layer_lens,
+    linear_cka,
+    open_lens,
+    probe,
+    read_patch_labels,
+)
+from embedlens.analysis.common import robust_z, uncertainty_coefficient, write_json
+
+
+# --------------------------------------------------------------------------- helpers
+def make_store(llm: np.ndarray, *, layers, rows: int, cols: int, vision: np.ndarray | None = None,
+               valid: np.ndarray | None = None, image_ids=None, attrs=None) -> xr.Dataset:
+    """llm: (image, layer, token, dim); tokens in raster order over a rows × cols grid."""
+    n_img, _, T, _ = llm.shape
+    t = np.arange(T)
+    data = {"llm_hidden": (("image", "layer", "token", "dim"), llm)}
+    coords = {
+        "image_id": ("image", image_ids or [f"img{i:03d}" for i in range(n_img)]),
+        "layer": list(layers),
+        "token": t,
+        "patch_row": (("image", "token"), np.tile(t // cols, (n_img, 1))),
+        "patch_col": (("image", "token"), np.tile(t % cols, (n_img, 1))),
+        "grid_rows": ("image", np.full(n_img, rows)),
+        "grid_cols": ("image", np.full(n_img, cols)),
+        "token_valid": (("image", "token"), np.ones((n_img, T), bool) if valid is None else valid),
+    }
+    if vision is not None:
+        data["vision_hidden"] = (("image", "vision_layer", "vision_token", "vision_dim"), vision)
+        coords["vision_layer"] = [-1]
+    return xr.Dataset(data, coords=coords, attrs=attrs or {})
+
+
+def unit_rows(n: int, d: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    return q[:n].astype(np.float32)  # orthonormal rows
+
+
+# --------------------------------------------------------------------------- search
+def test_vocab_index_matches_brute_force_with_exclusions_and_blocks():
+    rng = np.random.default_rng(1)
+    E = rng.standard_normal((503, 24)).astype(np.float32)
+    E[17] = 0.0  # a zero row must not produce NaN
+    Q = rng.standard_normal((77, 24)).astype(np.float16)
+    excl = [2, 5, 300]
+    ids, sims = VocabIndex(E, exclude=excl, vocab_block=64).search(Q, 4, query_block=10)
+    En = E / np.maximum(np.linalg.norm(E, axis=1, keepdims=True), 1e-12)
+    Qf = Q.astype(np.float32)
+    S = (Qf / np.linalg.norm(Qf, axis=1, keepdims=True)) @ En.T
+    S[:, excl] = -np.inf
+    ref = np.argsort(-S, axis=1, kind="stable")[:, :4]
+    assert (ids == ref).all()
+    np.testing.assert_allclose(sims, np.take_along_axis(S, ref, 1), atol=1e-5)
+    assert not np.isin(ids, excl).any()
+
+
+def test_vocab_index_ties_ordered_by_id_and_logsumexp_exact():
+    E = np.zeros((10, 4), np.float32)
+    E[[6, 2, 8], 0] = 1.0  # three identical rows
+    E[[1, 3], 1] = 1.0
+    ids, sims = VocabIndex(E, vocab_block=3).search(np.array([[1.0, 0, 0, 0]]), 3)
+    assert ids.tolist() == [[2, 6, 8]]
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((50, 6)).astype(np.float32)
+    b = rng.standard_normal(50).astype(np.float32)
+    x = rng.standard_normal((5, 6)).astype(np.float32)
+    ids, val, lse = VocabIndex(W, normalize=False, bias=b, exclude=[0], vocab_block=7).search(x, 2, logsumexp=True)
+    logits = torch.from_numpy(x @ W.T + b)
+    np.testing.assert_allclose(lse, torch.logsumexp(logits, 1).numpy(), rtol=1e-5)
+    logits[:, 0] = -torch.inf
+    np.testing.assert_array_equal(ids, logits.topk(2, dim=1).indices.numpy())
+
+
+# --------------------------------------------------------------------------- the rule
+RULE_ANCHORS = {"vit_sink": [1], "llm_sink": [2], "dead": [3]}
+
+
+def _rule_tokens(V: int = 12) -> np.ndarray:
+    """Token h[0] = weights over an orthonormal vocabulary; every id gets a small distinct
+    base weight so that no two similarities tie."""
+    spec = {
+        "a": {0: 9, 1: 5, 4: 3, 5: 2},   # special id 0 excluded → top-3 = 1,4,5 → vit_sink
+        "b": {3: 5, 1: 4, 6: 1},         # dead + vit → label vit_sink (priority), top-1 dead
+        "c": {2: 5, 3: 4, 7: 3},         # llm + dead → llm_sink
+        "d": {4: 5, 5: 4, 6: 3, 3: 2},   # dead only at rank 4 → alive with k = 3
+        "e": {8: 5, 9: 4, 2: 3},         # llm at rank 3 → llm_sink, top-1 rule alive
+        "f": {0: 9, 3: 1},               # special wins unless excluded; then dead
+    }
+    w = np.tile(0.01 * np.arange(V) / V, (len(spec), 1))  # anchors 1-3 get the smallest base
+    for i, s in enumerate(spec.values()):
+        for j, v in s.items():
+            w[i, j] = v
+    return w.astype(np.float32)
+
+
+def test_reference_rule_labels_constructed_tokens_exactly(tmp_path):
+    V = 12
+    E = unit_rows(V, V, seed=3)
+    w = _rule_tokens(V)
+    h0 = w @ E  # cosine with row i ∝ w_i
+    store = make_store(h0[None, None], layers=[0], rows=2, cols=3)
+    special = np.zeros(V, bool)
+    special[0] = True
+    voc = Vocab(E, ["<image>"] + [f"w{i}" for i in range(1, V)], special)
+    summary = categorize(store, voc, tmp_path, anchors=RULE_ANCHORS, k=3, progress=False)
+    t = pd.read_parquet(tmp_path / "categories.parquet")
+    assert t["label"].tolist() == ["vit_sink", "vit_sink", "llm_sink", "alive", "llm_sink", "dead"]
+    assert t["label_top1"].tolist() == ["vit_sink", "dead", "llm_sink", "alive", "alive", "dead"]
+    assert t["in_dead"].tolist() == [False, True, True, False, False, True]
+    assert t["in_vit_sink"].tolist() == [True, True, False, False, False, False]
+    assert t["in_llm_sink"].tolist() == [False, False, True, False, True, False]
+    assert t[["top1_id", "top2_id", "top3_id"]].to_numpy().tolist()[0] == [1, 4, 5]
+    assert (t["top1_id"] != 0).all() and summary["excluded_ids"] == [0]
+    assert summary["anchor_source"] == "configured"
+    assert summary["shares"]["topk"] == pytest.approx({"vit_sink": 2 / 6, "llm_sink": 2 / 6, "dead": 1 / 6, "alive": 1 / 6})
+    ov = np.array(summary["overlap"]["counts"])  # rows/cols: vit, llm, dead
+    assert ov.tolist() == [[2, 0, 1], [0, 2, 1], [1, 1, 3]]
+    assert summary["overlap"]["combinations"] == {"vit_sink": 1, "vit_sink+dead": 1, "llm_sink+dead": 1,
+                                                   "llm_sink": 1, "dead": 1, "none": 1}
+    assert t["top1_token"].iloc[0] == "w1"
+    for f in ("categories.parquet", "nearest_words.parquet", "anchors.json", "summary.json"):
+        assert (tmp_path / f).exists()
+    hist = pd.read_parquet(tmp_path / "nearest_words.parquet")
+    assert hist.set_index("token_id").loc[3, "n_topk"] == 3 and hist.set_index("token_id").loc[3, "anchor_group"] == "dead"
+    # special rows included on request: token f's top-1 becomes the special id 0
+    t2, info = compute_h0_neighbours(store, voc, k=3, exclude_special=False, progress=False)
+    assert t2["top1_id"].iloc[5] == 0 and info["excluded_ids"] == []
+    assert apply_rule(t2, RULE_ANCHORS)["label"].iloc[5] == "dead"
+
+
+def test_padded_tokens_are_skipped():
+    V = 12
+    E = unit_rows(V, V, seed=3)
+    w = _rule_tokens(V)
+    h = np.stack([w @ E, w[::-1] @ E])[:, None]  # 2 images × 6 tokens
+    valid = np.ones((2, 6), bool)
+    valid[1, 4:] = False  # image 1 has only 4 tokens (padding from a wider shard)
+    h[1, 0, 4:] = np.nan
+    store = make_store(h, layers=[0], rows=2, cols=3, valid=valid)
+    voc = Vocab(E, [f"w{i}" for i in range(V)], np.zeros(V, bool))
+    t, _ = compute_h0_neighbours(store, voc, progress=False)
+    assert len(t) == 10 and t["image_id"].tolist() == ["img000"] * 6 + ["img001"] * 4
+    assert t["token"].tolist() == [0, 1, 2, 3, 4, 5, 0, 1, 2, 3]
+    assert t["top1_id"].tolist()[6:] == [0, 8, 4, 2]  # reversed rows: f, e, d, c
+    assert np.isfinite(t["norm_h0"]).all()
+
+
+def test_rule_respects_k_and_rejects_unknown_groups():
+    t = pd.DataFrame({"top1_id": [5, 6], "top2_id": [3, 7], "top3_id": [8, 3], "image_id": ["a", "a"]})
+    assert apply_rule(t, {"dead": [3]})["label"].tolist() == ["dead", "dead"]
+    assert apply_rule(t, {"dead": [3]}, k=2)["label"].tolist() == ["dead", "alive"]
+    with pytest.raises(ValueError, match="unknown anchor groups"):
+        apply_rule(t, {"sinks": [3]})
+
+
+# --------------------------------------------------------------------------- discovery
+def _planted(seed: int = 0):
+    """12 images × 36 tokens (6×6), d = V = 40, orthonormal vocabulary.
+    Planted: 2 ViT-sink tokens per image (h0 ∥ e7, vision norm 50, also massive in the LLM),
+    1 LLM-sink token per image (h0 ∥ e11, early-layer norm 500), dead tokens (h0 ∥ e3, ~40 %,
+    random colour labels), alive tokens (h0 ∥ e(20 + colour): the 'red' id 20 wins in every
+    image but is determined by content)."""
+    rng = np.random.default_rng(seed)
+    V, d, n_img, T = 40, 40, 12, 36
+    E = unit_rows(V, d, seed=seed + 1)
+    strings = [f"w{i}" for i in range(V)]
+    strings[0], strings[3], strings[7], strings[11] = "<image>", "्", "igh", "▁jav"
+    colours = ["red", "green", "blue", "yellow"]
+    for c, name in enumerate(colours):
+        strings[20 + c] = "▁" + name
+    special = np.zeros(V, bool)
+    special[0] = True
+    h = np.empty((n_img, 4, T, d), np.float32)  # layers 0, 1, 2, 4
+    vis = np.empty((n_img, 1, T + 1, 8), np.float32)  # with a leading CLS
+    colour = rng.integers(0, 4, size=(n_img, 6, 6))
+    background = np.zeros((n_img, 6, 6), np.int64)
+    kind = np.empty((n_img, T), object)
+    for i in range(n_img):
+        perm = rng.permutation(T)
+        vit_t, llm_t, dead_t = perm[:2], perm[2:3], perm[3:3 + 14]
+        for t in range(T):
+            r, c = divmod(t, 6)
+            if t in vit_t:
+                k, aid = "vit", 7
+            elif t in llm_t:
+                k, aid = "llm", 11
+            elif t in dead_t:
+                k, aid = "dead", 3
+                background[i, r, c] = 1
+            else:
+                k, aid = "alive", 20 + colour[i, r, c]
+            kind[i, t] = k
+            h0 = 3.0 * E[aid] + 0.15 * rng.standard_normal(d)
+            h[i, 0, t] = h0
+            base = rng.standard_normal(d)
+            base *= rng.normal(10, 0.5) / np.linalg.norm(base)
+            h[i, 1, t] = base * (50 if k in ("vit", "llm") else 1)  # massive activations
+            h[i, 2, t] = base
+            h[i, 3, t] = base
+            v = rng.standard_normal(8)
+            vis[i, 0, 1 + t] = v / np.linalg.norm(v) * (50 if k == "vit" else rng.normal(10, 0.5))
+        vis[i, 0, 0] = 1.0
+    store = make_store(h, layers=[0, 1, 2, 4], rows=6, cols=6, vision=vis, attrs={"num_layers": 8})
+    labels = PatchLabels({"colour": colours, "background": ["object", "background"]},
+                         {"colour": colour, "background": background},
+                         [f"img{i:03d}" for i in range(n_img)])
+    return store, Vocab(E, strings, special), labels, kind
+
+
+def test_discovery_recovers_planted_anchors_and_tokens(tmp_path):
+    store, voc, labels, kind = _planted()
+    summary = categorize(store, voc, tmp_path, labels=labels, progress=False)  # discovery: no anchors configured
+    assert summary["anchor_source"] == "discovered"
+    assert summary["anchors"] == {"vit_sink": [7], "llm_sink": [11], "dead": [3]}
+    assert summary["anchor_strings"]["dead"] == ["्"]
+    ev = json.loads((tmp_path / "anchors.json").read_text())["evidence"]
+    t = pd.read_parquet(tmp_path / "categories.parquet")
+    planted_vit = {(f"img{i:03d}", j) for i, j in zip(*np.nonzero(kind == "vit"))}
+    planted_llm = {(f"img{i:03d}", j) for i, j in zip(*np.nonzero(kind == "llm"))}
+    got_vit = {(d["image_id"], d["token"]) for d in ev["vit_sink"]["outlier_tokens"]}
+    got_llm = {(d["image_id"], d["token"]) for d in ev["llm_sink"]["outlier_tokens"]}
+    assert got_vit == planted_vit and got_llm == planted_llm
+    assert ev["llm_sink"]["n_also_vit_outliers"] == len(planted_vit)
+    assert ev["llm_sink"]["early_layers"] == [1, 2]
+    # the content word 'red' is frequent in every image but is rejected as a hub
+    cand = {c["token_id"]: c for c in ev["dead"]["candidates"]}
+    assert not cand[20]["chosen"] and "colour" in cand[20]["rejected_because"]
+    assert cand[3]["label_information"]["colour"] < 0.05
+    assert ev["dead"]["label_tasks_ignored"] == ["background"]
+    # top-1 labels follow the planting exactly; top-k labels follow the rule
+    exp = np.where(kind == "vit", "vit_sink", np.where(kind == "llm", "llm_sink",
+                   np.where(kind == "dead", "dead", "alive"))).ravel()
+    assert t["label_top1"].tolist() == exp.tolist()
+    assert t["label"].tolist() == apply_rule(t, summary["anchors"])["label"].tolist()
+    assert summary["shares"]["top1"]["alive"] == pytest.approx((kind == "alive").mean())
+    assert any(n["tag"] == "ours" and n["procedure"] == "anchor_discovery" for n in summary["methods_notes"])
+    # vision norms: CLS offset detected, mapped 1:1
+    assert np.isfinite(t["norm_vision"]).all()
+    assert t.loc[t["label_top1"] == "vit_sink", "norm_vision"].min() == pytest.approx(50, rel=1e-3)
+
+
+def test_discovery_is_deterministic_and_degrades_with_evidence():
+    store, voc, labels, kind = _planted(seed=4)
+    table, _ = compute_h0_neighbours(store.drop_vars(["vision_hidden", "vision_layer"]), voc, progress=False)
+    assert table["norm_vision"].isna().all()
+    a1, ev1 = discover_anchors(table, strings=voc.strings, num_layers=8)
+    a2, ev2 = discover_anchors(table, strings=voc.strings, num_layers=8)
+    assert a1 == a2 and json.dumps(ev1, default=str) == json.dumps(ev2, default=str)
+    assert a1["vit_sink"] == [] and "not discoverable" in ev1["vit_sink"]["status"]
+    # without the ViT group, the LLM outliers include the planted ViT tokens: both anchors
+    assert a1["llm_sink"] == [7, 11] or a1["llm_sink"] == [11, 7]
+    assert a1["dead"] == [3]
+    assert "not applied" in ev1["dead"]["information_criterion"]
+    # a single image cannot show image independence
+    one = table[table["image_id"] == "img000"]
+    a3, ev3 = discover_anchors(one, num_layers=8)
+    assert a3["dead"] == [] and "image independence" in ev3["dead"]["candidates"][0]["rejected_because"]
+    # too many outliers are not a minority artifact
+    a4, ev4 = discover_anchors(table, num_layers=8, max_outlier_share=0.01)
+    assert a4["llm_sink"] == [] and "not a minority" in ev4["llm_sink"]["status"]
+    # configured groups are kept and their ids are never reused by a discovered group
+    a5, ev5 = discover_anchors(table, num_layers=8, fixed={"llm_sink": [7], "dead": [3]})
+    assert a5 == {"vit_sink": [], "llm_sink": [7], "dead": [3]}
+    assert ev5["dead"]["status"].startswith("configured")
+
+
+def test_partial_anchor_config_discovers_the_rest(tmp_path):
+    store, voc, labels, _ = _planted()
+    s = categorize(store, voc, tmp_path, anchors={"dead": [5]}, labels=labels, progress=False)
+    assert s["anchors"] == {"vit_sink": [7], "llm_sink": [11], "dead": [5]}
+    assert s["anchor_sources"] == {"vit_sink": "discovered", "llm_sink": "discovered", "dead": "configured"}
+    assert s["anchor_source"] == "mixed"
+    s2 = categorize(store, voc, tmp_path / "off", anchors={"dead": [5]}, discover=False, progress=False)
+    assert s2["anchors"] == {"vit_sink": [], "llm_sink": [], "dead": [5]} and s2["anchor_sources"]["vit_sink"] == "none"
+
+
+def test_vision_norm_unmappable_is_nan_with_note():
+    store, voc, _, _ = _planted()
+    store = store.isel(vision_token=slice(0, 20))  # 20 vision tokens for 36 LLM tokens
+    table, info = compute_h0_neighbours(store, voc, progress=False)
+    assert table["norm_vision"].isna().all() and "no 1:1 vision token" in info["vision_norm_note"]
+
+
+def test_vision_norm_follows_store_vision_to_llm_map():
+    store, voc, _, _ = _planted()
+    n_img, n_v = store.sizes["image"], store.sizes["vision_token"]
+    v2l = np.tile(np.arange(n_v) - 1, (n_img, 1))  # CLS → -1, then token j-1
+    v2l[:, 1] = 1  # vision tokens 1 and 2 both feed LLM token 1: merged, no 1:1 partner
+    store = store.assign_coords(vision_to_llm=(("image", "vision_token"), v2l))
+    table, info = compute_h0_neighbours(store, voc, progress=False)
+    vis = store["vision_hidden"].values[:, 0]
+    nv = table["norm_vision"].to_numpy().reshape(n_img, -1)
+    assert np.isnan(nv[:, 0]).all()  # token 0: no vision token feeds it any more
+    assert np.isnan(nv[:, 1]).all()  # token 1: fed by two vision tokens (merged)
+    np.testing.assert_allclose(nv[:, 2:], np.linalg.norm(vis[:, 3:], axis=-1), rtol=1e-5)
+    assert "vision_to_llm" in info["vision_norm_note"]
+
+
+def test_robust_z_and_information():
+    z, med, scale = robust_z(np.array([1.0, 1.0, 1.0, 1.0, 9.0]))  # MAD = 0 → mean abs dev
+    assert med == 1.0 and scale > 0 and z[-1] > 3
+    y = np.array([0, 1, 2, 0, 1, 2])
+    assert uncertainty_coefficient(y == 0, y) == pytest.approx(1.0)
+    assert uncertainty_coefficient(np.array([1, 0, 1, 0]), np.array([0, 0, 1, 1])) == pytest.approx(0.0)
+
+
+# --------------------------------------------------------------------------- labels
+def test_patch_labels_cell_under_token_centre(tmp_path):
+    grid = np.arange(16).reshape(1, 4, 4)
+    pl = PatchLabels({"t": [str(i) for i in range(16)]}, {"t": grid}, ["a"])
+    r = np.array([0, 1, 2, 7, 7])
+    c = np.array([0, 1, 2, 7, 0])
+    got = pl.for_tokens(["a"] * 5, r, c, [8] * 5, [8] * 5)["t"]  # 8×8 patches over 4×4 cells
+    assert got.tolist() == [0, 0, 5, 15, 12]
+    # non-dividing grid: 3 × 3 patches over 4 × 4 cells → floor((r + .5) * 4 / 3) = 0, 2, 3
+    got = pl.for_tokens(["a"] * 3, np.array([0, 1, 2]), np.array([0, 1, 2]), [3] * 3, [3] * 3)["t"]
+    assert got.tolist() == [0, 10, 15]
+    assert pl.for_tokens(["zz"], [0], [0], [8], [8])["t"].tolist() == [-1]
+    # the materialized format
+    write_json({"name": "x", "images": [{"image_id": "a"}], "label_tasks": {"t": pl.tasks["t"]},
+                "label_grid": 4}, tmp_path / "dataset.json")
+    np.savez(tmp_path / "labels.npz", t=grid.astype(np.int16))
+    back = read_patch_labels(tmp_path)
+    assert back.image_ids == ["a"] and (back.grids["t"] == grid).all()
+    write_json({"name": "y", "images": [{"image_id": "a"}], "label_tasks": {}}, tmp_path / "dataset.json")
+    assert read_patch_labels(tmp_path).empty
+
+
+# --------------------------------------------------------------------------- lens
+def test_layer_lens_embedding_and_logit_lens(tmp_path):
+    rng = np.random.default_rng(0)
+    V, d, n_img, T = 30, 8, 3, 4
+    E = rng.standard_normal((V, d)).astype(np.float32)
+    special = np.zeros(V, bool)
+    special[1] = True
+    voc = Vocab(E, [f"w{i}" for i in range(V)], special)
+    h = rng.standard_normal((n_img, 3, T, d)).astype(np.float16)
+    valid = np.ones((n_img, T), bool)
+    valid[2, 3] = False
+    store = make_store(h, layers=[0, 1, 2], rows=2, cols=2, valid=valid,
+                       attrs={"final_norm_applied_to_last_layer": True})
+    torch.manual_seed(0)
+    head = torch.nn.Linear(d, V, bias=False)
+    norm = torch.nn.RMSNorm(d, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(d) + 0.5)
+    info = layer_lens(store, voc, tmp_path / "lens.zarr", k=3, lm_head=head, final_norm=norm,
+                      num_layers=2, progress=False, vocab_block=7, max_block_bytes=1)
+    lens = open_lens(tmp_path / "lens.zarr")
+    assert dict(lens["emb_id"].sizes) == {"image": 3, "layer": 3, "token": 4, "k": 3}
+    assert info["final_norm_applied_by_lens"] == {"0": True, "1": True, "2": False}
+    assert lens["emb_id"].values[2, :, 3].tolist() == [[-1] * 3] * 3
+    x = torch.from_numpy(h.astype(np.float32))
+    for li in range(3):
+        xi = x[:, li]
+        cos = torch.nn.functional.normalize(xi, dim=-1) @ torch.nn.functional.normalize(torch.from_numpy(E), dim=-1).T
+        cos[..., 1] = -torch.inf
+        exp_emb = cos.topk(3, dim=-1).indices.numpy()
+        with torch.no_grad():
+            logits = head(norm(xi) if li < 2 else xi)
+        lp = torch.log_softmax(logits, -1)
+        logits[..., 1] = -torch.inf
+        exp_log = logits.topk(3, dim=-1).indices
+        got_emb = lens["emb_id"].values[:, li]
+        got_log = lens["logit_id"].values[:, li]
+        assert (got_emb[valid] == exp_emb[valid]).all()
+        assert (got_log[valid] == exp_log.numpy()[valid]).all()
+        np.testing.assert_allclose(lens["logprob"].values[:, li][valid],
+                                   lp.gather(-1, exp_log).detach().numpy()[valid], atol=1e-4)
+    assert lens["image_id"].values.tolist() == ["img000", "img001", "img002"]
+    # subset of images, no head → embedding lens only
+    info2 = layer_lens(store, voc, tmp_path / "lens2.zarr", k=2, images=["img001"], progress=False)
+    lens2 = open_lens(tmp_path / "lens2.zarr")
+    assert "logit_id" not in lens2 and lens2.sizes["image"] == 1 and not info2["logit_lens"]
+
+
+# --------------------------------------------------------------------------- probe
+def _probe_store(n_img: int = 24, seed: int = 0):
+    """4×4 tokens; colour (3 classes) per token; h0 = noise, h1 = colour code + noise;
+    5 tokens 'dead' overall (too few), no sink."""
+    rng = np.random.default_rng(seed)
+    T, d = 16, 12
+    colour = rng.integers(0, 3, size=(n_img, 4, 4))
+    codes = rng.standard_normal((3, d)) * 3
+    h = rng.standard_normal((n_img, 2, T, d)).astype(np.float32)
+    h[:, 1] += codes[colour.reshape(n_img, T)]
+    vis = np.concatenate([np.ones((n_img, 1, 1, 5)), rng.standard_normal((n_img, 1, T, 5))], axis=2)
+    store = make_store(h, layers=[0, 1], rows=4, cols=4, vision=vis.astype(np.float32))
+    cat = store.pipe(lambda s: __import__("embedlens.analysis.common", fromlist=["token_index"]).token_index(s))
+    cat["label"] = "alive"
+    cat.loc[[i for i in (3, 40, 77, 120, 200) if i < len(cat)], "label"] = "dead"
+    for r in (1, 2, 3):
+        cat[f"top{r}_id"] = 0
+        cat[f"top{r}_token"] = "x"
+    names = ["red", "green", "blue"]
+    cat.loc[colour.reshape(-1) == 0, "top2_token"] = "▁Red"  # every red token has 'red' at rank 2
+    labels = PatchLabels({"colour": names}, {"colour": colour}, [f"img{i:03d}" for i in range(n_img)])
+    return store, cat, labels
+
+
+def test_probe_finds_encoded_label_by_layer_with_controls(tmp_path):
+    store, cat, labels = _probe_store()
+    s = probe(store, cat, labels, tmp_path, n_bootstrap=50, progress=False, seed=1)
+    df = pd.read_parquet(tmp_path / "probe.parquet")
+    ok = df[df["status"] == "ok"].set_index(["feature", "group"])
+    assert ok.loc[("h1", "all"), "accuracy"] > 0.9
+    assert ok.loc[("h0", "all"), "accuracy"] < 0.6
+    assert ok.loc[("vision", "all"), "layer"] == -1
+    r = ok.loc[("h1", "all")]
+    assert r["accuracy_ci_low"] <= r["accuracy"] <= r["accuracy_ci_high"]
+    assert r["selectivity"] > 0.3 and r["control_accuracy"] < r["accuracy"]
+    assert 0 < r["majority_accuracy"] < 0.6
+    statuses = df.set_index(["feature", "group"])["status"]
+    assert statuses[("h1", "dead")] == "too_few_tokens" and statuses[("h1", "sink")] == "too_few_tokens"
+    assert len(df) == 3 * 4  # vision, h0, h1 × 4 groups: nothing dropped
+    test_imgs = set(s["split"]["test_images"])
+    assert 0 < len(test_imgs) < 24
+    assert ok.loc[("h1", "all"), "n_test_images"] == len(test_imgs)
+    # deterministic
+    s2 = probe(store, cat, labels, tmp_path / "again", n_bootstrap=50, progress=False, seed=1)
+    pd.testing.assert_frame_equal(df, pd.read_parquet(tmp_path / "again" / "probe.parquet"))
+    assert s2["split"] == s["split"]
+    hit = pd.read_parquet(tmp_path / "hitk.parquet").set_index(["group", "k"])
+    red_share = (cat["label"] == "alive").pipe(lambda m: (labels.for_table(cat)["colour"][m] == 0).mean())
+    assert hit.loc[("alive", 1), "hit_rate"] == 0
+    assert hit.loc[("alive", 2), "hit_rate"] == pytest.approx(red_share)
+    # the 'red' hits come with the label-prior chance: share(red)² + ... > 0
+    assert hit.loc[("alive", 2), "chance_label_prior"] > 0
+
+
+def test_probe_without_labels_writes_skipped_result(tmp_path):
+    store, cat, _ = _probe_store(n_img=4)
+    s = probe(store, cat, None, tmp_path, progress=False)
+    assert s["status"] == "skipped" and s["reason"] == "no labels"
+    assert json.loads((tmp_path / "probe_summary.json").read_text())["status"] == "skipped"
+    assert len(pd.read_parquet(tmp_path / "probe.parquet")) == 0
+    assert len(pd.read_parquet(tmp_path / "hitk.parquet")) == 0
+
+
+def test_hit_at_k_uniform_chance_uses_vocabulary():
+    cat = pd.DataFrame({"label": ["alive"] * 2, "top1_token": ["▁red", "w"], "top1_id": [1, 2]})
+    voc = Vocab(np.eye(4, dtype=np.float32), ["<s>", "▁red", "Red", "w"], np.array([1, 0, 0, 0], bool))
+    hit = hit_at_k(cat, {"colour": np.array([0, 0])}, {"colour": ["red"]}, vocab=voc, exclude_ids=[0])
+    row = hit[hit["group"] == "all"].iloc[0]
+    assert row["hit_rate"] == 0.5 and row["chance_uniform"] == pytest.approx(2 / 3)
+    assert row["n_label_words_in_vocab"] == 1
+    # single characters match case-sensitively: the article "a" is not the letter "A"
+    cat = pd.DataFrame({"label": ["alive"] * 3, "top1_token": ["▁a", "▁A", "A"]})
+    hit = hit_at_k(cat, {"character": np.array([0, 0, 0])}, {"character": ["A"]})
+    assert hit[hit["group"] == "all"]["hits"].item() == 2
+
+
+# --------------------------------------------------------------------------- align
+def test_linear_cka_properties():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((50, 6))
+    q, _ = np.linalg.qr(rng.standard_normal((6, 6)))
+    assert linear_cka(x, x) == pytest.approx(1.0)
+    assert linear_cka(x, 3 * x @ q + 1) == pytest.approx(1.0)
+    assert linear_cka(x, rng.standard_normal((50, 6))) < 0.5
+    big = rng.standard_normal((10, 40))  # n < p branch
+    assert linear_cka(big, big @ np.linalg.qr(rng.standard_normal((40, 40)))[0]) == pytest.approx(1.0)
+
+
+def test_align_finds_planted_layer(tmp_path):
+    rng = np.random.default_rng(0)
+    n_img, T, d = 10, 16, 16
+    colour = rng.integers(0, 4, size=(n_img, 4, 4))
+    names = ["red", "green", "blue", "yellow"]
+    word_vecs = rng.standard_normal((4, 4, d)).astype(np.float32) * 2  # (layer, word, d)
+    h = rng.standard_normal((n_img, 2, T, d)).astype(np.float32) * 0.3
+    h[:, 0] += word_vecs[2][colour.reshape(n_img, T)]  # h[0] lives at text layer 2
+    store = make_store(h, layers=[0, 1], rows=4, cols=4)
+    from embedlens.analysis.common import token_index
+
+    cat = token_index(store)
+    cat["label"] = "alive"
+    positions = np.concatenate([np.repeat(word_vecs.transpose(1, 0, 2), 5, axis=0),
+                                rng.standard_normal((20, 4, d)).astype(np.float32) * 0.1])
+    ts = TextStates([0, 1, 2, 3], positions, [("colour", n) for n in names], word_vecs.transpose(1, 0, 2).copy())
+    ts.save(tmp_path / "text.npz")
+    labels = PatchLabels({"colour": names}, {"colour": colour}, [f"img{i:03d}" for i in range(n_img)])
+    s = align(store, cat, tmp_path / "text.npz", labels, tmp_path, progress=False)
+    assert s["best_layer"]["h0/alive"]["layer"] == 2
+    df = pd.read_parquet(tmp_path / "align.parquet")
+    nn = df[(df["measure"] == "nn_accuracy") & (df["visual"] == "h0") & (df["group"] == "all")].set_index("layer")
+    assert nn.loc[2, "value"] == 1.0 and nn.loc[0, "value"] < 0.7 and nn.loc[2, "chance"] == 0.25
+    cka = df[(df["measure"] == "cka") & (df["visual"] == "h0") & (df["group"] == "all")].set_index("layer")["value"]
+    assert cka.idxmax() == 2
+    assert set(df[df["visual"] == "hl"]["layer"]) == {0, 1}  # only layers extracted for visual tokens
+    assert df.loc[df["is_best"], "layer"].eq(2).any()
+    # the empty groups are reported, not dropped
+    assert (df[(df["group"] == "dead") & (df["measure"] == "mean_max_cos")]["n_tokens"] == 0).all()
+    # without labels: only mean_max_cos, best layer by it
+    s2 = align(store, cat, ts, None, tmp_path / "nolab", progress=False)
+    assert set(pd.read_parquet(tmp_path / "nolab" / "align.parquet")["measure"]) == {"mean_max_cos"}
+    assert s2["best_layer"]["h0/all"]["criterion"] == "mean_max_cos"
+
+
+def _tiny_llm():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = ["<s>", "<pad>", "<unk>", "a", "the", "letter", "red", "blue", "circle", "square", "A", "B", "dog", "cat"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", pad_token="<pad>", unk_token="<unk>")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(words), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    return LlamaForCausalLM(cfg).eval(), hf_tok
+
+
+def test_build_prompts_and_collect_text_states():
+    tasks = {"colour": ["red", "blue"], "shape": ["circle", "square"], "character": ["A", "B"]}
+    prompts = build_prompts(tasks, generic_words=["dog", "cat"])
+    texts = [p["text"] for p in prompts]
+    assert "a red circle" in texts and "the letter A" in texts and "a dog" in texts
+    for p in prompts:
+        for _, w, a, b in p["words"]:
+            assert p["text"][a:b] == w
+    model, tok = _tiny_llm()
+    ts = collect_text_states(model, tok, prompts, device="cpu", batch_size=3, progress=False)
+    assert ts.layers == [0, 1, 2]
+    n_pos = sum(len(p["text"].split()) for p in prompts)  # BOS excluded
+    assert ts.positions.shape == (n_pos, 3, 16)
+    assert ("colour", "red") in ts.word_keys and ("_generic", "dog") in ts.word_keys
+    # the word state is the mean of its occurrences' hidden states
+    occ = [p for p in prompts if any(w == "circle" for _, w, _, _ in p["words"])]
+    states = []
+    with torch.no_grad():
+        for p in occ:
+            ids = tok(p["text"], return_tensors="pt")["input_ids"]
+            hs = model(input_ids=ids, output_hidden_states=True).hidden_states
+            pos = p["text"].split().index("circle") + 1
+            states.append(torch.stack([x[0, pos] for x in hs]).numpy())
+    got = ts.words[ts.word_keys.index(("shape", "circle"))]
+    np.testing.assert_allclose(got, np.mean(states, axis=0), atol=1e-4)
+
+
+def test_config_sections_map_onto_the_analysis_functions():
+    import inspect
+
+    from embedlens import analysis
+    from embedlens.analysis import config_kwargs
+    from embedlens.config import DEFAULTS
+
+    for step, fn in [("categorize", analysis.categorize), ("lens", analysis.layer_lens),
+                     ("probe", analysis.probe), ("align", analysis.align)]:
+        kw = config_kwargs(step, DEFAULTS.get(step, {}))
+        params = inspect.signature(fn).parameters
+        assert set(kw) <= set(params), (step, set(kw) - set(params))
+    kw = config_kwargs("categorize", DEFAULTS["categorize"])
+    assert set(kw["discovery"]) <= set(inspect.signature(discover_anchors).parameters)
+    with pytest.raises(KeyError, match="probe.nonsense"):
+        config_kwargs("probe", {"nonsense": 1})
