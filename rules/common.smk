@@ -39,6 +39,13 @@ def _check_models():
 RESOLVED_MODEL_DIRS = _check_models()
 
 
+def mini_projector():
+    """The projector weights embedlens-mini is built with: committed, or retrained."""
+    if CFG["embedlens_mini"]["retrain"]:
+        return "resources/projector/embedlens-mini.safetensors"
+    return str(REPO / "src" / "embedlens" / "mini" / "projector.safetensors")
+
+
 def model_dir(model):
     entry = MODELS[model]
     if "builtin" in entry:

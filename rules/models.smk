@@ -3,6 +3,8 @@
 
 
 rule build_mini:
+    input:
+        projector=mini_projector(),
     output:
         directory("resources/models/embedlens-mini"),
     params:
@@ -12,7 +14,26 @@ rule build_mini:
     conda:
         "../envs/models.yaml"
     shell:
-        "embedlens build-mini --out {output} --wheels {params.wheels} > {log} 2>&1"
+        "embedlens build-mini --out {output} --wheels {params.wheels} "
+        "--projector {input.projector} > {log} 2>&1"
+
+
+# Only with embedlens_mini.retrain: true (the default uses the committed weights).
+rule train_projector:
+    output:
+        "resources/projector/embedlens-mini.safetensors",
+    params:
+        wheels="resources/wheels",
+        steps=CFG["embedlens_mini"]["steps"],
+        seed=CFG["embedlens_mini"]["seed"],
+        batch_size=CFG["embedlens_mini"]["batch_size"],
+    log:
+        "logs/train_projector/embedlens-mini.log",
+    conda:
+        "../envs/models.yaml"
+    shell:
+        "embedlens train-projector --wheels {params.wheels} --steps {params.steps} "
+        "--seed {params.seed} --batch-size {params.batch_size} --out {output} > {log} 2>&1"
 
 
 rule export_vocab:

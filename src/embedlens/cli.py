@@ -106,10 +106,19 @@ def cmd_build_mini(args) -> int:
 
 
 def cmd_train_projector(args) -> int:
+    import tempfile
+
+    from .mini.build import build_mini
     from .mini.train import train_projector
 
-    train_projector(args.model_dir, args.out, steps=args.steps, seed=args.seed,
-                    batch_size=args.batch_size)
+    model_dir = args.model_dir
+    with tempfile.TemporaryDirectory(prefix="embedlens-mini-base-") as tmp:
+        if model_dir is None:
+            # Training re-initializes the projector, so any assembly of the frozen towers
+            # serves as the base; the converted towers are cached in resources/.
+            model_dir = build_mini(Path(tmp) / "embedlens-mini", args.wheels)
+        train_projector(model_dir, args.out, steps=args.steps, seed=args.seed,
+                        batch_size=args.batch_size)
     return 0
 
 
@@ -269,9 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_build_mini)
 
     s = sub.add_parser("train-projector", help="train embedlens-mini's projector on synthetic captions")
-    s.add_argument("--model-dir", default="resources/models/embedlens-mini")
+    s.add_argument("--model-dir", default=None,
+                   help="an assembled embedlens-mini (default: assemble one from the cached parts)")
+    s.add_argument("--wheels", default="resources/wheels")
     s.add_argument("--out", required=True)
-    s.add_argument("--steps", type=int, default=600)
+    s.add_argument("--steps", type=int, default=400)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--batch-size", type=int, default=16)
     s.set_defaults(func=cmd_train_projector)

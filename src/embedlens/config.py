@@ -70,6 +70,7 @@ DEFAULTS: dict[str, Any] = {
         "use_best_aligned_layer": True,
     },
     "report": {"n_sample_images": 4, "n_sample_patches": 6},
+    "embedlens_mini": {"retrain": False, "steps": 400, "seed": 0, "batch_size": 16},
 }
 
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
