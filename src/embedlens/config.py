@@ -63,7 +63,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "compress": {
         "conditions": "default",
-        "n_items": 64,
+        "n_items": 24,
         "seeds": [0, 1, 2],
         "repeats": 3,
         "batch_size": 8,

@@ -44,11 +44,15 @@ def atomic_directory(final: str | Path):
 
     Failure (any exception, or the process being killed) leaves the temporary
     directory behind under a name no reader looks for; the next attempt removes it.
+    An existing ``final`` is moved aside (``.{name}.old-*``) before the new one is
+    renamed in, and only then deleted: deleting it in place would leave a half-deleted
+    store that still opens as complete if the process were killed meanwhile.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    for stale in final.parent.glob(f".{final.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    for pattern in (f".{final.name}.tmp-*", f".{final.name}.old-*"):
+        for stale in final.parent.glob(pattern):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
@@ -57,8 +61,13 @@ def atomic_directory(final: str | Path):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+        # rename(2) replaces only an empty directory: rename the old store aside first.
+        aside = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(final, aside)
+        os.replace(tmp, final)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
 
 
 class ShardWriter:
