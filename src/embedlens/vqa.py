@@ -1,0 +1,217 @@
+"""Multiple-choice VQA scoring by length-normalized answer log-likelihood.
+
+Shared by ``eval-model`` (``embedlens.mini.evaluate``) and the compression benchmark
+(methods §4): for one image, a question and its choices, the score of a choice is the mean
+log-probability of its tokens after the prompt (chat template's user turn with the image and
+the question, the generation prompt, then an optional ``answer_prefix``); the prediction is
+the highest-scoring choice (ties → the first). Works for any HF VLM + processor; it is
+deterministic (no sampling; ``model.eval()``, no dropout).
+
+Two evaluation modes, same numbers up to float round-off:
+
+* ``"cached"`` (default): one prefill of the prompt, then all choices in one batched
+  continuation over a copy of the KV cache (fast: the image is encoded once per item).
+* ``"full"``: one complete forward (prompt + choice, with the image) per choice. Slower,
+  but every forward is an ordinary prefill — use it when hooks act on prefills only.
+
+Answer tokens are the tokenizer's ids of ``answer_sep + choice`` appended to the prompt's
+ids (no re-tokenization across the boundary), so every choice is scored in the same context.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+
+@dataclass
+class ChoiceScores:
+    choices: list[str]
+    logprob_sum: list[float]  # total log-likelihood of each choice's tokens
+    n_tokens: list[int]
+    scores: list[float]  # length-normalized: logprob_sum / n_tokens
+    pred_index: int
+
+    @property
+    def pred(self) -> str:
+        return self.choices[self.pred_index]
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"pred": self.pred}
+
+
+def format_prompt(processor, question: str, placeholder: str = "{image}\n{prompt}") -> str:
+    """One image + ``question`` as the model expects it (same rule as ``VLMAdapter.format_prompt``):
+    the chat template's user turn + generation prompt, else ``placeholder``."""
+    if getattr(processor, "chat_template", None):
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    image = getattr(processor, "image_token", None) or "<image>"
+    return placeholder.format(image=image, prompt=question)
+
+
+def _tokenizer(processor):
+    return getattr(processor, "tokenizer", processor)
+
+
+def _device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # pragma: no cover
+        return torch.device("cpu")
+
+
+def _log_softmax_at(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+
+
+def prepare_prompt(processor, image, question: str, answer_prefix: str = "",
+                   prompt_fn: Callable[[str], str] | None = None) -> dict[str, torch.Tensor]:
+    """Processor tensors for the prompt (+ ``answer_prefix``) with one image (batch of 1)."""
+    text = (prompt_fn or (lambda q: format_prompt(processor, q)))(question) + answer_prefix
+    if hasattr(image, "convert"):
+        image = image.convert("RGB")
+    batch = processor(images=[[image]], text=[text], return_tensors="pt")
+    return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor) and k != "labels"}
+
+
+def choice_token_ids(processor, choices: Sequence[str], answer_sep: str = "") -> list[list[int]]:
+    tok = _tokenizer(processor)
+    out = []
+    for c in choices:
+        ids = tok(answer_sep + c, add_special_tokens=False)["input_ids"]
+        if len(ids) == 0:
+            raise ValueError(f"choice {c!r} tokenizes to nothing")
+        out.append(list(ids))
+    return out
+
+
+def _accepts(model, name: str) -> bool:
+    return name in inspect.signature(model.forward).parameters
+
+
+@torch.no_grad()
+def score_choices(model, processor, image, question: str, choices: Sequence[str], *,
+                  answer_prefix: str = "", answer_sep: str = "", mode: str = "cached",
+                  prompt_fn: Callable[[str], str] | None = None) -> ChoiceScores:
+    """Length-normalized log-likelihood of each of ``choices`` as the answer to ``question``.
+
+    ``answer_prefix`` is appended to the prompt text (context, not scored), e.g.
+    ``"The shape is"``; ``answer_sep`` is prepended to every choice before tokenizing it,
+    e.g. ``" "`` so that ``" red"`` is one word token after the prefix.
+    """
+    if not choices:
+        raise ValueError("score_choices: no choices")
+    if mode not in ("cached", "full"):
+        raise ValueError(f"score_choices: mode must be 'cached' or 'full', got {mode!r}")
+    dev = _device(model)
+    inputs = {k: v.to(dev) for k, v in prepare_prompt(processor, image, question, answer_prefix, prompt_fn).items()}
+    answers = choice_token_ids(processor, choices, answer_sep)
+    if mode == "full":
+        sums = [_full_choice_logprob(model, inputs, a) for a in answers]
+    else:
+        sums = _cached_choice_logprobs(model, inputs, answers)
+    n = [len(a) for a in answers]
+    scores = [s / k for s, k in zip(sums, n)]
+    best = max(range(len(scores)), key=lambda i: (scores[i], -i))
+    return ChoiceScores(list(choices), sums, n, scores, best)
+
+
+def _extend_inputs(inputs: Mapping[str, torch.Tensor], extra: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Append token ids ``extra`` (1, A) to a batch-1 prompt, extending per-token tensors."""
+    out = dict(inputs)
+    ids = inputs["input_ids"]
+    P = ids.shape[1]
+    out["input_ids"] = torch.cat([ids, extra], dim=1)
+    for k, v in inputs.items():
+        if k == "input_ids" or not isinstance(v, torch.Tensor) or v.dim() != 2 or v.shape != (1, P):
+            continue
+        if k == "attention_mask":
+            fill = torch.ones_like(extra)
+        elif k.endswith("token_type_ids"):
+            fill = torch.zeros_like(extra)  # text tokens
+        else:
+            continue
+        out[k] = torch.cat([v, fill.to(v.dtype)], dim=1)
+    return out
+
+
+def _full_choice_logprob(model, inputs: Mapping[str, torch.Tensor], answer: list[int]) -> float:
+    dev = inputs["input_ids"].device
+    P = inputs["input_ids"].shape[1]
+    a = torch.tensor([answer], dtype=torch.long, device=dev)
+    kw = _extend_inputs(inputs, a)
+    if _accepts(model, "use_cache"):
+        kw["use_cache"] = False
+    logits = model(**kw).logits[0]  # (P + A, V)
+    lp = _log_softmax_at(logits[P - 1:P - 1 + len(answer)], a[0])
+    return float(lp.sum())
+
+
+def _cached_choice_logprobs(model, inputs: Mapping[str, torch.Tensor], answers: list[list[int]]) -> list[float]:
+    dev = inputs["input_ids"].device
+    P = inputs["input_ids"].shape[1]
+    out = model(**inputs, use_cache=True)
+    first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # predicts answer token 0
+    sums = [float(first[a[0]]) for a in answers]
+    multi = [i for i, a in enumerate(answers) if len(a) > 1]
+    if not multi:
+        return sums
+    cache = copy.deepcopy(out.past_key_values)
+    B = len(multi)
+    if B > 1:
+        cache.batch_repeat_interleave(B)
+    L = max(len(answers[i]) for i in multi)
+    pad = 0
+    ids = torch.full((B, L), pad, dtype=torch.long, device=dev)
+    amask = torch.zeros((B, P + L), dtype=torch.long, device=dev)
+    base_mask = inputs.get("attention_mask")
+    amask[:, :P] = base_mask.expand(B, -1) if base_mask is not None else 1
+    for j, i in enumerate(multi):
+        a = answers[i]
+        ids[j, :len(a)] = torch.tensor(a, device=dev)
+        amask[j, P:P + len(a)] = 1
+    kw: dict[str, Any] = {"input_ids": ids, "attention_mask": amask, "past_key_values": cache, "use_cache": True}
+    if _accepts(model, "cache_position"):
+        kw["cache_position"] = torch.arange(P, P + L, device=dev)
+    logits = model(**kw).logits  # (B, L, V): position t predicts answer token t + 1
+    lps = torch.log_softmax(logits.float(), dim=-1)
+    for j, i in enumerate(multi):
+        a = answers[i]
+        tail = lps[j, :len(a) - 1].gather(-1, torch.tensor(a[1:], device=dev).unsqueeze(-1)).sum()
+        sums[i] += float(tail)
+    return sums
+
+
+def score_item(model, processor, image, item: Mapping[str, Any], **kw) -> dict[str, Any]:
+    """Score one VQA item ``{item_id, type, question, choices, answer}`` → a result row."""
+    cs = score_choices(model, processor, image, item["question"], item["choices"], **kw)
+    answer = item.get("answer")
+    return {
+        "item_id": item.get("item_id"), "image_id": item.get("image_id"), "type": item.get("type"),
+        "question": item["question"], "answer": answer, "pred": cs.pred,
+        "correct": bool(answer is not None and cs.pred == answer),
+        "n_choices": len(cs.choices), "scores": [round(s, 5) for s in cs.scores],
+    }
+
+
+def accuracy_table(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per item type: n, accuracy, chance (mean 1 / n_choices) and binomial standard error."""
+    by: dict[str, list[Mapping[str, Any]]] = {}
+    for r in rows:
+        by.setdefault(str(r.get("type")), []).append(r)
+    table = {}
+    for t, rs in sorted(by.items()):
+        n = len(rs)
+        acc = sum(bool(r["correct"]) for r in rs) / n
+        chance = sum(1.0 / r["n_choices"] for r in rs) / n
+        table[t] = {"n": n, "accuracy": acc, "chance": chance,
+                    "se": math.sqrt(max(acc * (1 - acc), 1e-12) / n),
+                    "chance_se": math.sqrt(chance * (1 - chance) / n),
+                    "x_chance": acc / chance if chance else float("nan")}
+    return table
