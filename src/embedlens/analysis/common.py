@@ -549,11 +549,12 @@ def uncertainty_coefficient(indicator: np.ndarray, labels: np.ndarray) -> float:
     px = p.sum(1)
     py = p.sum(0)
     hx = -float(np.sum(px[px > 0] * np.log(px[px > 0])))
-    if hx <= 0:
+    # A constant indicator has H(X) = 0 up to round-off; the ratio would be noise (>1).
+    if xi.max() == 0 or hx < 1e-12:
         return 0.0
     nz = p > 0
     mi = float(np.sum(p[nz] * np.log(p[nz] / (px[:, None] * py[None, :])[nz])))
-    return max(0.0, mi / hx)
+    return min(1.0, max(0.0, mi / hx))
 
 
 # --------------------------------------------------------------------------- config
