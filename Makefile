@@ -17,19 +17,23 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: env browser run test lint dry-run clean-results
+.PHONY: env browser run run-slurm test lint dry-run clean-results
 
 $(STAMP): pyproject.toml
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
 	$(VENV)/bin/python -m pip install -q "$(TORCH)"
-	$(VENV)/bin/python -m pip install -q -e ".[test]"
+	$(VENV)/bin/python -m pip install -q -e ".[test,cluster]"
 	@touch $(STAMP)
 
 env: $(STAMP)
 
 run: env
 	snakemake --cores $(CORES) --printshellcmds $(SNAKEMAKE_ARGS)
+
+# On a Slurm login node: extraction shards become GPU jobs (profiles/slurm/config.yaml).
+run-slurm: env
+	snakemake --workflow-profile profiles/slurm $(SNAKEMAKE_ARGS)
 
 dry-run: env
 	snakemake -n $(SNAKEMAKE_ARGS)

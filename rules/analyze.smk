@@ -75,6 +75,8 @@ rule collect_text_states:
         settings=lambda wc: json.dumps({"extra_words": CFG["align"]["extra_words"]}),
         device=lambda wc: extraction(wc.model)["device"],
         trust=trust_flag,
+    resources:
+        gpu=lambda wc: uses_gpu(wc.model),
     log:
         "logs/collect_text_states/{model}/{dataset}.log",
     conda:
