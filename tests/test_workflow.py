@@ -44,7 +44,7 @@ def write_config(workdir: Path, models: dict, n_images: int = 6) -> dict:
         "models": models,
         "datasets": {"shapes": {"source": "synthetic", "n_images": n_images, "seed": 3,
                                 "image_size": 64, "grid": 4}},
-        "extraction": {"batch_size": 2, "shard_size": 4, "device": "cpu",
+        "extraction": {"batch_size": 2, "shard_size": 4, "device": "auto",
                        "store_dtype": "float32", "vision_layers": [-1]},
         "lens": {"max_images": 2},
         "probe": {"bootstrap": 20, "min_tokens": 5},

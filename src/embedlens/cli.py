@@ -170,14 +170,16 @@ def cmd_lens(args) -> int:
 
 def cmd_text_states(args) -> int:
     from .analysis import build_prompts, collect_text_states
+    from .extract import resolve_device
     from .models.adapter import VLMAdapter
 
     meta = json.loads((Path(args.dataset_dir) / "dataset.json").read_text())
-    adapter = VLMAdapter.load(args.model_dir, dtype="float32", device=args.device,
+    device = resolve_device(args.device)
+    adapter = VLMAdapter.load(args.model_dir, dtype="float32", device=device,
                               trust_remote_code=args.trust_remote_code)
     prompts = build_prompts(meta.get("label_tasks") or None,
                             extra_words=args.settings.get("extra_words", ()))
-    states = collect_text_states(adapter.model, adapter.tokenizer, prompts, device=args.device)
+    states = collect_text_states(adapter.model, adapter.tokenizer, prompts, device=device)
     states.save(args.out)
     print(f"{args.out}: {len(prompts)} prompts")
     return 0
