@@ -30,7 +30,7 @@ def _check_models():
         if "builtin" in entry:
             continue
         try:
-            resolved[name] = str(resolve_model(entry).path)
+            resolved[name] = str(resolve_model({**entry, "name": name}, key=f"models.{name}").path)
         except (FileNotFoundError, PermissionError, ValueError) as exc:
             raise WorkflowError(f"config.yaml: models.{name}: {exc}") from None
     return resolved
