@@ -147,6 +147,26 @@ def group_anchor_ids(
     return chosen, evidence
 
 
+def _label_word_lift(word, indicator, tasks, label_words):
+    """max over tasks of P(label == word | hub) / P(label == word); None if not computable."""
+    best = None
+    for t, names in (label_words or {}).items():
+        lab = tasks.get(t)
+        if lab is None:
+            continue
+        for k, name in enumerate(names):
+            if normalize_word(name) != word:
+                continue
+            m = lab >= 0
+            prior = float(np.mean(lab[m] == k)) if m.any() else 0.0
+            hit = m & indicator
+            if prior <= 0 or not hit.any():
+                continue
+            lift = float(np.mean(lab[hit] == k)) / prior
+            best = lift if best is None else max(best, lift)
+    return best
+
+
 def find_hubs(
     table: pd.DataFrame,
     *,
@@ -203,7 +223,13 @@ def find_hubs(
             t_max = max(info, key=info.get)
             reasons.append(f"informative about {t_max} (U={info[t_max]:.2f} > {hub_max_label_info})")
         if s is not None and words and normalize_word(s) in words:
-            reasons.append(f"its string {s!r} is a label word")
+            # A label-word hub is content only if it actually marks patches of that label
+            # (lift >= 2 over the label's prior); a background hub that happens to spell a
+            # colour name ("yellow" on 80 % of embedlens-mini's tokens) is still a hub.
+            lift = _label_word_lift(normalize_word(s), ind, tasks, label_words)
+            if lift is None or lift >= 2.0:
+                reasons.append(f"its string {s!r} is a label word"
+                               + ("" if lift is None else f" enriched on its label (lift {lift:.1f})"))
         if tid in taken:
             reasons.append("already an anchor of a sink group")
         cand = {
