@@ -311,3 +311,25 @@ def test_caption_parser():
         "colour": "orange", "shape": "star", "letter_colour": "red", "character": "K"}
     assert parse_caption("A blue circle.")["character"] is None
     assert parse_caption("I see a picture") is None
+
+
+def test_vqa_prefix_cache_reuses_the_image_prefill(tiny_llava):
+    from PIL import Image
+
+    from embedlens.mini.train import load_model
+    from embedlens.vqa import PrefixCache, score_choices
+
+    model, proc = load_model(tiny_llava)
+    red, blue = Image.new("RGB", (40, 40), (200, 20, 20)), Image.new("RGB", (40, 40), (20, 20, 200))
+    choices = ["red", "dark blue", "a green circle"]
+    cache = PrefixCache()
+    for q in ("What colour is it?", "Which shape is it?"):
+        ref = score_choices(model, proc, red, q, choices, answer_sep=" ", mode="full")
+        got = score_choices(model, proc, red, q, choices, answer_sep=" ", prefix_cache=cache)
+        np.testing.assert_allclose(got.scores, ref.scores, atol=1e-4)
+    assert cache.hits == 1
+    # another image with identical ids must not reuse the red image's prefill
+    ref = score_choices(model, proc, blue, "Which shape is it?", choices, answer_sep=" ", mode="full")
+    got = score_choices(model, proc, blue, "Which shape is it?", choices, answer_sep=" ", prefix_cache=cache)
+    np.testing.assert_allclose(got.scores, ref.scores, atol=1e-4)
+    assert cache.hits == 1

@@ -45,6 +45,25 @@ class ChoiceScores:
         return asdict(self) | {"pred": self.pred}
 
 
+class PrefixCache:
+    """Reuse the prefill of the prompt part up to the image across queries on ONE image.
+
+    Prompts for different questions about the same image share everything up to and
+    including the image tokens (system turn, user turn opening, image); with causal attention
+    that part's keys/values do not depend on the question. Pass one ``PrefixCache`` per image
+    to :func:`score_choices` (``mode="cached"``): the first call fills it, later calls check
+    that their prompt starts with the same ids and has the same pixels, and only run the rest. Used only for models
+    whose image enters through image-token positions (LLaVA style: ``config.image_token_id``);
+    otherwise it is ignored. The scores equal those without it up to float round-off.
+    """
+
+    def __init__(self):
+        self.ids: torch.Tensor | None = None  # (L,) prefix ids
+        self.pixels: torch.Tensor | None = None  # the image it was computed for
+        self.kv = None
+        self.hits = 0
+
+
 def format_prompt(processor, question: str, placeholder: str = "{image}\n{prompt}") -> str:
     """One image + ``question`` as the model expects it (same rule as ``VLMAdapter.format_prompt``):
     the chat template's user turn + generation prompt, else ``placeholder``."""
@@ -98,7 +117,8 @@ def _accepts(model, name: str) -> bool:
 @torch.no_grad()
 def score_choices(model, processor, image, question: str, choices: Sequence[str], *,
                   answer_prefix: str = "", answer_sep: str = "", mode: str = "cached",
-                  prompt_fn: Callable[[str], str] | None = None) -> ChoiceScores:
+                  prompt_fn: Callable[[str], str] | None = None,
+                  prefix_cache: PrefixCache | None = None) -> ChoiceScores:
     """Length-normalized log-likelihood of each of ``choices`` as the answer to ``question``.
 
     ``answer_prefix`` is appended to the prompt text (context, not scored), e.g.
@@ -115,7 +135,7 @@ def score_choices(model, processor, image, question: str, choices: Sequence[str]
     if mode == "full":
         sums = [_full_choice_logprob(model, inputs, a) for a in answers]
     else:
-        sums = _cached_choice_logprobs(model, inputs, answers)
+        sums = _cached_choice_logprobs(model, inputs, answers, prefix_cache)
     n = [len(a) for a in answers]
     scores = [s / k for s, k in zip(sums, n)]
     best = max(range(len(scores)), key=lambda i: (scores[i], -i))
@@ -153,10 +173,56 @@ def _full_choice_logprob(model, inputs: Mapping[str, torch.Tensor], answer: list
     return float(lp.sum())
 
 
-def _cached_choice_logprobs(model, inputs: Mapping[str, torch.Tensor], answers: list[list[int]]) -> list[float]:
+def _image_token_id(model) -> int | None:
+    cfg = getattr(model, "config", None)
+    for name in ("image_token_id", "image_token_index"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, int):
+            return v
+    return None
+
+
+def _prefill(model, inputs: Mapping[str, torch.Tensor], prefix_cache: PrefixCache | None):
+    """``model(**inputs, use_cache=True)``, reusing ``prefix_cache`` for the part up to the image."""
+    ids = inputs["input_ids"]
+    image_id = _image_token_id(model)
+    usable = (prefix_cache is not None and image_id is not None and ids.shape[0] == 1
+              and set(inputs) <= {"input_ids", "attention_mask", "pixel_values"}
+              and bool((inputs.get("attention_mask", torch.ones_like(ids)) == 1).all()))
+    if not usable:
+        return model(**inputs, use_cache=True)
+    pos = (ids[0] == image_id).nonzero().flatten()
+    if len(pos) == 0:
+        return model(**inputs, use_cache=True)
+    L = int(pos[-1]) + 1
+    pixels = inputs.get("pixel_values")
+    same = (prefix_cache.ids is not None and len(prefix_cache.ids) == L and torch.equal(prefix_cache.ids, ids[0, :L])
+            and ((pixels is None and prefix_cache.pixels is None)
+                 or (pixels is not None and prefix_cache.pixels is not None
+                     and pixels.shape == prefix_cache.pixels.shape and torch.equal(pixels, prefix_cache.pixels))))
+    if not same:
+        pre = {"input_ids": ids[:, :L], "attention_mask": torch.ones_like(ids[:, :L])}
+        if "pixel_values" in inputs:
+            pre["pixel_values"] = inputs["pixel_values"]
+        prefix_cache.kv = model(**pre, use_cache=True).past_key_values
+        prefix_cache.ids = ids[0, :L].clone()
+        prefix_cache.pixels = None if pixels is None else pixels.clone()
+    else:
+        prefix_cache.hits += 1
+    if L == ids.shape[1]:  # nothing after the image: recompute the last position's logits
+        return model(**inputs, use_cache=True)
+    kw: dict[str, Any] = {"input_ids": ids[:, L:], "attention_mask": torch.ones_like(ids),
+                          "past_key_values": copy.deepcopy(prefix_cache.kv), "use_cache": True}
+    if _accepts(model, "cache_position"):
+        kw["cache_position"] = torch.arange(L, ids.shape[1], device=ids.device)
+    return model(**kw)
+
+
+def _cached_choice_logprobs(model, inputs: Mapping[str, torch.Tensor], answers: list[list[int]],
+                            prefix_cache: PrefixCache | None = None) -> list[float]:
     dev = inputs["input_ids"].device
     P = inputs["input_ids"].shape[1]
-    out = model(**inputs, use_cache=True)
+    out = _prefill(model, inputs, prefix_cache)
     first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # predicts answer token 0
     sums = [float(first[a[0]]) for a in answers]
     multi = [i for i, a in enumerate(answers) if len(a) > 1]

@@ -5,7 +5,7 @@ chance level:
 
 1. **Multiple-choice VQA** (``embedlens.vqa``): the synthetic set's questions ("What colour
    is the shape?" …), every choice scored by its length-normalized log-likelihood after a
-   short answer prefix ("The shape is" + " red"). ``caption_form`` adds a second scoring in
+   short answer prefix ("The shape is" + " red"; ``ANSWER_FORMAT``). ``caption_form`` adds a second scoring in
    the form the projector was trained on: after "Describe the image.", each caption field
    is chosen in turn with the true caption before it as context ("A red" + " circle").
 2. **Greedy captions** parsed field by field ("A red circle and an orange letter K.").
@@ -29,15 +29,29 @@ from typing import Any, Sequence
 import torch
 
 from embedlens.mini.train import CAPTION_QUESTION, EVAL_DATA_SEED, TRAIN_DATA_SEED_BASE, load_model
-from embedlens.vqa import accuracy_table, score_choices, score_item
+from embedlens.vqa import PrefixCache, accuracy_table, score_choices
 
 ITEM_TYPES = ("shape", "colour", "character", "letter_colour")
 TYPE_LABELS = {"shape": "shape", "colour": "shape colour", "character": "letter",
                "letter_colour": "letter colour"}
-#: context appended after the generation prompt; choices are scored as " " + choice
-ANSWER_PREFIX = {"shape": "The shape is a", "colour": "The shape is",
-                 "character": "The letter is", "letter_colour": "The letter is"}
-ANSWER_SEP = " "
+#: Question-form answers: (text appended to the prompt, choice template, separator). The
+#: choice is scored as ``sep + template.format(...)``; ``{c}`` is the choice, ``{art}`` its
+#: article. Chosen among 2-4 phrasings per type on validation images (synthetic seed
+#: VALIDATION_DATA_SEED, disjoint from training and evaluation): see MODEL_CARD.md.
+ANSWER_FORMAT: dict[str, tuple[str, str, str]] = {
+    "shape": ("It is a", "{c}", " "),
+    "colour": ("The shape is", "{c}", " "),
+    "character": ("It is the letter", "{c}", " "),
+    "letter_colour": ("It is", "{art} {c} letter", " "),
+}
+VALIDATION_DATA_SEED = 999_998
+
+
+def format_choices(item_type: str, choices: Sequence[str]) -> tuple[str, list[str], str]:
+    """(answer prefix, formatted choices, separator) for a synthetic VQA item type."""
+    prefix, template, sep = ANSWER_FORMAT.get(item_type, ("", "{c}", ""))
+    return prefix, [template.format(c=c, art=_article(c)) for c in choices], sep
+
 
 _CAPTION_RE = re.compile(
     r"^\s*an?\s+(?P<colour>[a-z]+)\s+(?P<shape>[a-z]+)"
@@ -71,7 +85,7 @@ def greedy_caption(model, processor, image, question: str = CAPTION_QUESTION, ma
     return tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
-def _caption_form_rows(model, processor, ex) -> list[dict[str, Any]]:
+def _caption_form_rows(model, processor, ex, cache: PrefixCache | None = None) -> list[dict[str, Any]]:
     """Caption-form multiple choice for one example, field by field in caption order, each
     field given the true caption up to it (teacher forcing):
     "{A|An} {colour}" (8) · "A red" + " {shape}" (6) · "A red circle and" + " {a|an} {colour}"
@@ -80,7 +94,7 @@ def _caption_form_rows(model, processor, ex) -> list[dict[str, Any]]:
 
     def pick(prefix: str, choices: list[str], sep: str) -> int:
         return score_choices(model, processor, ex.image, CAPTION_QUESTION, choices,
-                             answer_prefix=prefix, answer_sep=sep).pred_index
+                             answer_prefix=prefix, answer_sep=sep, prefix_cache=cache).pred_index
 
     rows = []
 
@@ -169,8 +183,9 @@ def evaluate_model(model_dir: Path | str, n_items: int = 200, seed: int = EVAL_D
     report: dict[str, Any] = {
         "model_dir": str(model_dir), "n_images": len(examples), "data_seed": int(seed),
         "scoring": {"vqa": "length-normalized answer log-likelihood; prompt = chat template with the "
-                           "image and the question, then the answer prefix; choice = ' ' + word",
-                    "answer_prefix": ANSWER_PREFIX,
+                           "image and the question, then the answer prefix; choices formatted as in "
+                           "answer_format (prefix, template, separator)",
+                    "answer_format": ANSWER_FORMAT,
                     "caption_form": "after 'Describe the image.', each caption field in turn given the "
                                     "true caption before it: '{A|An} {colour}' (8), ' {shape}' (6), "
                                     "' {a|an} {colour}' (8), ' {L}' after '... letter' (26)",
@@ -186,12 +201,17 @@ def evaluate_model(model_dir: Path | str, n_items: int = 200, seed: int = EVAL_D
         tv = time.perf_counter()
         vqa_rows, form_rows, cap_rows, samples = [], [], [], []
         for ex in tqdm(examples, desc=f"eval {label}", unit="image", disable=not progress):
+            cache = PrefixCache()  # the image's prefill, shared by all its questions
             for item in ex.vqa:
-                row = score_item(model, processor, ex.image, item, answer_prefix=ANSWER_PREFIX[item["type"]],
-                                 answer_sep=ANSWER_SEP)
-                vqa_rows.append(row)
+                prefix, choices, sep = format_choices(item["type"], item["choices"])
+                cs = score_choices(model, processor, ex.image, item["question"], choices,
+                                   answer_prefix=prefix, answer_sep=sep, prefix_cache=cache)
+                pred = item["choices"][cs.pred_index]
+                vqa_rows.append({"item_id": item["item_id"], "image_id": ex.image_id, "type": item["type"],
+                                 "answer": item["answer"], "pred": pred, "correct": pred == item["answer"],
+                                 "n_choices": len(choices), "scores": [round(x, 4) for x in cs.scores]})
             if caption_form:
-                form_rows.extend(_caption_form_rows(model, processor, ex))
+                form_rows.extend(_caption_form_rows(model, processor, ex, cache))
             if captions:
                 cap = greedy_caption(model, processor, ex.image)
                 cap_rows.extend(_caption_rows(ex, cap))

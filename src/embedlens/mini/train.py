@@ -260,6 +260,9 @@ def save_projector(model, path: Path, metadata: dict[str, Any] | None = None) ->
     for k, v in (metadata or {}).items():
         meta[k] = v if isinstance(v, str) else json.dumps(v)
     save_file(projector_state(model), str(tmp), metadata=meta)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
     return path
 
@@ -269,7 +272,8 @@ def _env_info() -> dict[str, Any]:
 
     return {"torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
 
 
 def train_projector(model_dir: Path | str, out_path: Path | str, steps: int = DEFAULT_STEPS, seed: int = 0,
