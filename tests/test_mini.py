@@ -85,7 +85,6 @@ def test_onnx_conversion_matches_graph_output(tmp_path):
 
 
 def test_onnx_conversion_names_missing_position_embedding():
-    import onnx
     from onnx import TensorProto, helper
 
     w = helper.make_tensor("onnx::MatMul_1", TensorProto.FLOAT, [2, 2], [1, 2, 3, 4])
@@ -198,7 +197,7 @@ def test_projector_training_is_deterministic(tiny_llava, tmp_path):
     kw = dict(steps=3, batch_size=4, n_images=8, progress=False)
     log1 = train_projector(tiny_llava, tmp_path / "a" / "p.safetensors", seed=0, **kw)
     log2 = train_projector(tiny_llava, tmp_path / "b" / "p.safetensors", seed=0, **kw)
-    log3 = train_projector(tiny_llava, tmp_path / "c" / "p.safetensors", seed=1, **kw)
+    train_projector(tiny_llava, tmp_path / "c" / "p.safetensors", seed=1, **kw)
     assert log1["loss"] == log2["loss"] and len(log1["loss"]) == 3
     w1, w2, w3 = (load_file(str(tmp_path / d / "p.safetensors")) for d in "abc")
     assert set(w1) == {f"multi_modal_projector.linear_{i}.{p}" for i in (1, 2) for p in ("weight", "bias")}
@@ -223,7 +222,7 @@ def test_lr_schedule_warmup_then_cosine(tiny_llava):
         tr.opt.step()  # no gradients: a no-op, keeps the scheduler's order check quiet
         tr.sched.step()
     assert lrs[0] == pytest.approx(5e-4) and lrs[1] == pytest.approx(1e-3)
-    assert lrs[-1] < 1e-5 and all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+    assert lrs[-1] < 1e-5 and all(a >= b for a, b in zip(lrs[1:-1], lrs[2:], strict=True))
 
 
 # ----------------------------------------------------------------------------- VQA scoring

@@ -23,8 +23,9 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -137,7 +138,7 @@ def score_choices(model, processor, image, question: str, choices: Sequence[str]
     else:
         sums = _cached_choice_logprobs(model, inputs, answers, prefix_cache)
     n = [len(a) for a in answers]
-    scores = [s / k for s, k in zip(sums, n)]
+    scores = [s / k for s, k in zip(sums, n, strict=True)]
     best = max(range(len(scores)), key=lambda i: (scores[i], -i))
     return ChoiceScores(list(choices), sums, n, scores, best)
 

@@ -514,6 +514,11 @@ def _mkdtemp_like(final: Path) -> Path:
 
 def _replace_dir(src: Path, dst: Path) -> None:
     """Rename ``src`` to ``dst``, replacing an existing ``dst`` (never leaves a half ``dst``)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in Path(src).rglob("*"):  # some writers create 0600 files; use the usual permissions
+        if f.is_file():
+            os.chmod(f, 0o666 & ~umask)
     dst = Path(dst)
     old = None
     if dst.exists():
@@ -593,8 +598,14 @@ def init_projector_(projector, seed: int = PROJECTOR_INIT_SEED) -> None:
 def assemble(parts_dir: Path, projector_path: Path | None = None):
     """(model, processor, info) assembled from the cached parts and optional projector weights."""
     import torch
-    from transformers import (AutoTokenizer, Dinov2Model, LlamaForCausalLM, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import (
+        AutoTokenizer,
+        Dinov2Model,
+        LlamaForCausalLM,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     parts_dir = Path(parts_dir)
     tok = AutoTokenizer.from_pretrained(parts_dir / "tokenizer")

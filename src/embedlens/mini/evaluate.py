@@ -1,14 +1,15 @@
 """Evaluate ``embedlens-mini`` on held-out synthetic images (``eval-model``).
 
-Two measures, per item type (shape, shape colour, letter, letter colour), each with its
+Three measures, per item type (shape, shape colour, letter, letter colour), each with its
 chance level:
 
-1. **Multiple-choice VQA** (``embedlens.vqa``): the synthetic set's questions ("What colour
-   is the shape?" …), every choice scored by its length-normalized log-likelihood after a
-   short answer prefix ("The shape is" + " red"; ``ANSWER_FORMAT``). ``caption_form`` adds a second scoring in
-   the form the projector was trained on: after "Describe the image.", each caption field
-   is chosen in turn with the true caption before it as context ("A red" + " circle").
-2. **Greedy captions** parsed field by field ("A red circle and an orange letter K.").
+1. **Multiple-choice VQA, question form** (``embedlens.vqa``): the synthetic set's
+   questions ("What colour is the shape?" …), every choice scored by its length-normalized
+   log-likelihood after a short answer phrasing (``ANSWER_FORMAT``: "The shape is" + " red").
+2. **Multiple choice in caption form** (``caption_form``), the form the projector was
+   trained on: after "Describe the image.", each caption field is chosen in turn with the
+   true caption before it as context ("A red" + " circle").
+3. **Greedy captions** parsed field by field ("A red circle and an orange letter K.").
 
 Each projector variant is evaluated on the same items: ``"model"`` (the weights in the model
 directory), ``"untrained"`` (the seeded random projector a build without weights gets), or a
@@ -23,8 +24,9 @@ import math
 import os
 import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
