@@ -303,23 +303,53 @@ def test_wilson_interval():
 
 
 # --------------------------------------------------------------------------- end to end
+def _random_categories(ds_dir, adapter, out, seed: int = 0):
+    """A categories.parquet with a seeded random label for every visual token of the set."""
+    from embedlens.datasets.materialize import load_dataset
+
+    ds = load_dataset(ds_dir)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for rec in ds.images:
+        n = adapter.prepare([ds.image(rec["image_id"])], "Describe the image.").n_tokens[0]
+        rows += [{"image_id": rec["image_id"], "token": j, "label": lab}
+                 for j, lab in enumerate(rng.choice(iv.LABELS, n, p=[0.1, 0.1, 0.3, 0.5]))]
+    pd.DataFrame(rows).to_parquet(out)
+    return out
+
+
+def test_baseline_scores_items_exactly_as_eval_model(models, tmp_path):
+    """The benchmark's baseline and `eval-model` score the same held-out synthetic items with
+    the same answer phrasing ("It is" + " a red letter") and agree on every score."""
+    from embedlens.datasets.materialize import materialize
+    from embedlens.mini.evaluate import evaluate_model
+    from embedlens.mini.train import EVAL_DATA_SEED
+
+    path, _, _, adapter = models("llava")
+    ds_dir = materialize("held", {"source": "synthetic", "n_images": 4, "seed": EVAL_DATA_SEED,
+                                  "image_size": 224, "grid": 8, "p_letter": 0.6}, tmp_path / "held")
+    cats = _random_categories(ds_dir, adapter, tmp_path / "categories.parquet")
+    run_compress(path, ds_dir, cats, [{"op": "baseline"}], tmp_path / "c.parquet", repeats=1,
+                 latency_items=1, progress=False, items_out=tmp_path / "items.parquet")
+    ours = pd.read_parquet(tmp_path / "items.parquet").set_index("item_id")
+    report = evaluate_model(path, n_items=4, seed=EVAL_DATA_SEED, projector="model", captions=False,
+                            caption_form=False, progress=False)
+    rows = next(iter(report["variants"].values()))["vqa_rows"]
+    assert {r["type"] for r in rows} >= {"shape", "colour", "letter_colour"}
+    assert sorted(r["item_id"] for r in rows) == sorted(ours.index)
+    for r in rows:
+        got = ours.loc[r["item_id"]]
+        assert got.pred == r["pred"], r["item_id"]
+        np.testing.assert_allclose(np.asarray(got.scores), r["scores"], atol=2e-4, rtol=0)
+
+
 def test_run_compress_end_to_end_and_batch_invariance(models, tmp_path):
     from embedlens.datasets.materialize import materialize
 
     path, model, _, adapter = models("llava")
     ds_dir = materialize("syn", {"source": "synthetic", "n_images": 3, "seed": 0, "image_size": 32},
                          tmp_path / "syn")
-    from embedlens.datasets.materialize import load_dataset
-
-    ds = load_dataset(ds_dir)
-    rng = np.random.default_rng(0)
-    rows = []
-    for rec in ds.images:
-        n = adapter.prepare([ds.image(rec["image_id"])], "Describe the image.").n_tokens[0]
-        rows += [{"image_id": rec["image_id"], "token": j, "label": lab}
-                 for j, lab in enumerate(rng.choice(iv.LABELS, n, p=[0.1, 0.1, 0.3, 0.5]))]
-    cats = tmp_path / "categories.parquet"
-    pd.DataFrame(rows).to_parquet(cats)
+    cats = _random_categories(ds_dir, adapter, tmp_path / "categories.parquet")
     conditions = [
         {"op": "baseline"},
         {"name": "prune_sinks", "op": "prune", "groups": ["vit_sink", "llm_sink"]},
@@ -328,8 +358,7 @@ def test_run_compress_end_to_end_and_batch_invariance(models, tmp_path):
         {"op": "inject", "layer": 1},
         {"op": "exit", "layer": 1},
     ]
-    kw = dict(n_items=4, repeats=1, latency_items=1, progress=False, answer_sep=" ",
-              answer_prefix={"shape": "The shape is a"})
+    kw = dict(n_items=4, repeats=1, latency_items=1, progress=False)
     t1 = run_compress(path, ds_dir, cats, conditions, tmp_path / "b1.parquet", batch_size=1,
                       items_out=tmp_path / "i1.parquet", **kw)
     t7 = run_compress(path, ds_dir, cats, conditions, tmp_path / "b7.parquet", batch_size=7,

@@ -148,6 +148,10 @@ def test_synthetic_captions_and_vqa_consistent(examples):
             cols = {COLOUR_NAMES[v] for v in np.unique(e.labels["colour"][e.labels["character"] >= 0])}
             assert cols == {by_type["letter_colour"]["answer"]}
             assert e.letter_colour != e.colour
+            # the scored phrasing of the answer is the caption's own ("an orange letter")
+            lc = by_type["letter_colour"]
+            text = lc["choice_texts"][lc["choices"].index(lc["answer"])]
+            assert lc["answer_prefix"] == "It is" and f"{text} {e.letter}" in e.caption
             assert f"letter {e.letter}." in e.caption
         for q in e.vqa:
             assert q["answer"] in q["choices"] and q["image_id"] == e.image_id
@@ -433,7 +437,9 @@ def test_manifest_jsonl(tmp_path):
         {"image": "img/r.png", "image_id": "red", "caption": "red",
          "labels": {"scene": "warm", "obj": [["x", None], ["y", "x"]]},
          "vqa": [{"question": "Colour?", "choices": ["red", "blue"], "answer": "red", "type": "colour"}]},
-        {"image": "img/b.png", "labels": {"scene": "cold"}},
+        {"image": "img/b.png", "labels": {"scene": "cold"},
+         "vqa": [{"question": "Colour?", "choices": ["red", "blue"], "answer": "blue",
+                  "answer_prefix": "It is", "choice_texts": ["a red one", "a blue one"]}]},
         {"image": "img/broken.png"},
     ]
     m = tmp_path / "m.jsonl"
@@ -448,7 +454,14 @@ def test_manifest_jsonl(tmp_path):
     np.testing.assert_array_equal(ds.labels["obj"][1], [[-1, -1], [-1, -1]])
     np.testing.assert_array_equal(ds.labels["scene"][:, 0, 0], [1, 0])
     assert ds.vqa == [{"item_id": "red-q0", "image_id": "red", "type": "colour",
-                       "question": "Colour?", "choices": ["red", "blue"], "answer": "red"}]
+                       "question": "Colour?", "choices": ["red", "blue"], "answer": "red"},
+                      {"item_id": "img_b-q0", "image_id": "img_b", "type": "custom",
+                       "question": "Colour?", "choices": ["red", "blue"], "answer": "blue",
+                       "answer_prefix": "It is", "choice_texts": ["a red one", "a blue one"]}]
+    from embedlens.vqa import Framing, item_framing
+
+    assert item_framing(ds.vqa[0]) == Framing("", ["red", "blue"], "")  # bare choices
+    assert item_framing(ds.vqa[1]) == Framing("It is", ["a red one", "a blue one"], " ")
     assert [Path(b["file"]).name for b in ds.bad_images] == ["broken.png"]
     # 16 x 16 tokens over a 2 x 2 label grid
     got = token_labels(ds, 0, np.array([0, 15]), np.array([15, 0]), 16, 16)
@@ -460,10 +473,10 @@ def test_manifest_csv(tmp_path):
     Image.new("RGB", (8, 8), (9, 9, 9)).save(tmp_path / "k.png")
     m = tmp_path / "m.csv"
     m.write_text(
-        "image,caption,label_kind,question,choices,answer,type\n"
-        "g.png,a green square,plant,Colour?,red|green|blue,green,colour\n"
-        "g.png,,,Is it a plant?,yes|no,yes,\n"
-        "k.png,,,,,,\n"
+        "image,caption,label_kind,question,choices,answer,type,answer_prefix,choice_texts\n"
+        "g.png,a green square,plant,Colour?,red|green|blue,green,colour,It is,red|green|blue\n"
+        "g.png,,,Is it a plant?,yes|no,yes,,,\n"
+        "k.png,,,,,,,,\n"
     )
     src = manifest_source(m)
     items = list(src.items)
@@ -473,6 +486,7 @@ def test_manifest_csv(tmp_path):
     assert items[0].caption == "a green square"
     assert [(q["item_id"], q["type"], q["choices"]) for q in items[0].vqa] == [
         ("g-q0", "colour", ["red", "green", "blue"]), ("g-q1", "custom", ["yes", "no"])]
+    assert items[0].vqa[0]["answer_prefix"] == "It is" and "answer_prefix" not in items[0].vqa[1]
 
 
 @pytest.mark.parametrize(
@@ -486,6 +500,8 @@ def test_manifest_csv(tmp_path):
         ('{"image": "a.png", "image_id": "a"}\n{"image": "b.png", "image_id": "a"}',
          r"m.jsonl:2.*image ids must be unique"),
         ("not json", r"m.jsonl:1.*not valid JSON"),
+        ('{"image": "a.png", "vqa": [{"question": "q", "choices": ["a", "b"], "answer": "a", '
+         '"choice_texts": ["an a"]}]}', r"m.jsonl:1: vqa\[0\].*choice_texts.*one non-empty string per choice"),
     ],
 )
 def test_manifest_errors_name_the_line(tmp_path, text, match):

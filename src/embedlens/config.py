@@ -68,11 +68,6 @@ DEFAULTS: dict[str, Any] = {
         "repeats": 3,
         "batch_size": 8,
         "use_best_aligned_layer": True,
-        # The answer framing of `embedlens eval-model` (embedlens.mini.evaluate.ANSWER_FORMAT),
-        # so the benchmark scores items the way the model card does; "" for other types.
-        "answer_prefix": {"shape": "It is a", "colour": "The shape is",
-                          "character": "It is the letter", "letter_colour": "It is"},
-        "answer_sep": " ",
     },
     "report": {"n_sample_images": 4, "n_sample_patches": 6},
     "embedlens_mini": {"retrain": False, "steps": 400, "seed": 0, "batch_size": 16},

@@ -16,6 +16,10 @@ Two evaluation modes, same numbers up to float round-off:
 
 Answer tokens are the tokenizer's ids of ``answer_sep + choice`` appended to the prompt's
 ids (no re-tokenization across the boundary), so every choice is scored in the same context.
+
+A VQA item may carry its own answer phrasing (:func:`item_framing`): ``answer_prefix``
+("It is") and ``choice_texts`` ("a red letter" for the choice "red"). Both ``eval-model``
+and the compression benchmark take the framing from the item, so they score it alike.
 """
 
 from __future__ import annotations
@@ -255,15 +259,43 @@ def _cached_choice_logprobs(model, inputs: Mapping[str, torch.Tensor], answers: 
     return sums
 
 
+@dataclass(frozen=True)
+class Framing:
+    """What is scored for one VQA item: ``prompt + answer_prefix``, then ``answer_sep + text``
+    for each of ``choice_texts`` (one per choice, same order)."""
+
+    answer_prefix: str
+    choice_texts: list[str]
+    answer_sep: str
+
+
+def item_framing(item: Mapping[str, Any]) -> Framing:
+    """The answer phrasing of a VQA item ``{question, choices, answer, answer_prefix?,
+    choice_texts?}``: without a prefix the bare choices follow the generation prompt; with
+    one, each choice text follows it after a space ("It is" + " a red letter")."""
+    choices = list(item["choices"])
+    prefix = str(item.get("answer_prefix") or "")
+    texts = list(item.get("choice_texts") or choices)
+    if len(texts) != len(choices):
+        raise ValueError(f"VQA item {item.get('item_id')!r}: {len(texts)} choice_texts for "
+                         f"{len(choices)} choices")
+    sep = " " if prefix and not prefix[-1].isspace() else ""
+    return Framing(prefix, texts, sep)
+
+
 def score_item(model, processor, image, item: Mapping[str, Any], **kw) -> dict[str, Any]:
-    """Score one VQA item ``{item_id, type, question, choices, answer}`` → a result row."""
-    cs = score_choices(model, processor, image, item["question"], item["choices"], **kw)
+    """Score one VQA item (framed by :func:`item_framing`) → a result row; ``pred`` is one of
+    the item's ``choices``."""
+    f = item_framing(item)
+    cs = score_choices(model, processor, image, item["question"], f.choice_texts,
+                       answer_prefix=f.answer_prefix, answer_sep=f.answer_sep, **kw)
     answer = item.get("answer")
+    pred = item["choices"][cs.pred_index]
     return {
         "item_id": item.get("item_id"), "image_id": item.get("image_id"), "type": item.get("type"),
-        "question": item["question"], "answer": answer, "pred": cs.pred,
-        "correct": bool(answer is not None and cs.pred == answer),
-        "n_choices": len(cs.choices), "scores": [round(s, 5) for s in cs.scores],
+        "question": item["question"], "answer": answer, "pred": pred,
+        "correct": bool(answer is not None and pred == answer),
+        "n_choices": len(cs.choices), "scores": [round(s, 4) for s in cs.scores],
     }
 
 

@@ -19,9 +19,11 @@ Conditions are dicts as they appear in ``config.yaml``::
 op and its arguments; names must be unique.
 
 Scoring (deterministic): per item, the prompt (the chat template's user turn with the image
-and the question, via :mod:`embedlens.vqa` and the adapter's prompt rule) is run once
-through the model's own input preparation and captured; each choice is appended as
-``answer_sep + choice`` token ids and the whole sequence is run under the intervention
+and the question, via :mod:`embedlens.vqa` and the adapter's prompt rule, then the item's
+``answer_prefix``) is run once through the model's own input preparation and captured; each
+choice is appended as the token ids of its text (:func:`embedlens.vqa.item_framing`: the
+item's ``choice_texts``, e.g. " a red letter" for "red", as ``eval-model`` scores them)
+and the whole sequence is run under the intervention
 (:func:`embedlens.compress.interventions.forward`); the score of a choice is its
 length-normalized log-likelihood (mean token log-probability,
 :func:`~embedlens.compress.interventions.answer_logprob`), the prediction the best choice
@@ -363,8 +365,6 @@ def run_compress(
     batch_size: int = 16,
     latency_items: int = 4,
     chunk_items: int = 32,
-    answer_prefix: str | dict[str, str] = "",
-    answer_sep: str = "",
     pack_choices: bool = True,
     best_aligned_layer: int | None = None,
     items_out=None,
@@ -380,9 +380,8 @@ def run_compress(
     `batch_size`: sequences per forward pass (an item's packed choices, or one choice when
     not packed; halved on CUDA OOM; results do not depend on it beyond float round-off).
     `pack_choices`: score an item's choices in one shared-prompt sequence (see `_Scorer`).
-    `chunk_items`: items captured at a time (bounds memory). `answer_prefix` / `answer_sep`:
-    as in :mod:`embedlens.vqa`; the prefix may be a dict item type -> prefix (as ``embedlens.mini.evaluate.ANSWER_PREFIX``; missing types
-    get "").
+    `chunk_items`: items captured at a time (bounds memory). Each item is framed by its own
+    ``answer_prefix``/``choice_texts`` (:func:`embedlens.vqa.item_framing`).
     `items_out`: optional Parquet path for the per-item predictions.
 
     One row per (condition, seed, item type) plus ``item_type == "all"``; ``seed`` is <NA>
@@ -405,6 +404,7 @@ def run_compress(
         if it.get("answer") not in it.get("choices", []):
             raise ValueError(f"VQA item {it.get('item_id')!r}: answer {it.get('answer')!r} is not among "
                              f"its choices {it.get('choices')!r}")
+    framings = [vqa.item_framing(it) for it in items]  # raises on a malformed item, before loading
     cats = _load_categories(categories_parquet, {it["image_id"] for it in items})
     missing = sorted({it["image_id"] for it in items} - set(cats))
     if missing:
@@ -428,13 +428,12 @@ def run_compress(
         for start in range(0, len(items), max(1, chunk_items)):
             chunk = []
             for k, item in enumerate(items[start:start + chunk_items], start=start):
-                prefix = (answer_prefix.get(str(item.get("type")), "") if isinstance(answer_prefix, dict)
-                          else answer_prefix)
+                frame = framings[k]
                 inputs = vqa.prepare_prompt(processor, ds.image(item["image_id"]), item["question"],
-                                            prefix, prompt_fn=adapter.format_prompt)
+                                            frame.answer_prefix, prompt_fn=adapter.format_prompt)
                 inputs = {k2: v.to(dev) for k2, v in inputs.items()}
                 prompt = iv.capture_sequence(model, inputs, item["image_id"])
-                answers = vqa.choice_token_ids(processor, item["choices"], answer_sep)
+                answers = vqa.choice_token_ids(processor, frame.choice_texts, frame.answer_sep)
                 chunk.append(_Item(k, item, prompt, answers, cats[item["image_id"]]))
             if not latency_prompts:
                 latency_prompts = chunk[: max(0, latency_items)]
@@ -480,8 +479,8 @@ def run_compress(
     table.attrs["methods_notes"] = methods_notes(pack_choices)
     table.attrs["settings"] = json.dumps({
         "n_items": len(items), "seeds": list(seeds), "repeats": repeats, "latency_items": len(latency_prompts),
-        "batch_size": batch_size, "pack_choices": pack_choices, "answer_prefix": answer_prefix,
-        "answer_sep": answer_sep, "num_layers": N, "attn_implementation": iv.attn_implementation(model),
+        "batch_size": batch_size, "pack_choices": pack_choices,
+        "answer_prefixes": sorted({f.answer_prefix for f in framings}), "num_layers": N, "attn_implementation": iv.attn_implementation(model),
         "transformers_version": transformers.__version__, "torch_version": torch.__version__, **meta})
     write_parquet(table, out_parquet)
     if items_out is not None:
@@ -498,8 +497,9 @@ def methods_notes(pack_choices: bool = True) -> list[dict]:
              "prune/keep/random_matched delete visual tokens before layer 0; survivors keep their original "
              "position ids (gaps), as in the reference."),
         note("ours", "mc_scoring",
-             "Multiple-choice accuracy: each choice is appended as token ids to the captured prompt (chat "
-             "template + question) and scored by its mean token log-probability under the intervened model; "
+             "Multiple-choice accuracy: each choice's text (the item's choice_texts, after its answer_prefix, "
+             "as eval-model scores them) is appended as token ids to the captured prompt (chat "
+             "template + question + answer prefix) and scored by its mean token log-probability under the intervened model; "
              "the best choice is the prediction (ties: the first)."),
         note("ours", "inject_exit_by_layer_subsets",
              "inject(L)/exit(L) run the affected decoder layers on the token subset (hooks gather hidden "

@@ -12,7 +12,8 @@ Manifest format (paths are relative to the manifest file):
 
     {"image": "imgs/a.jpg", "image_id": "a", "caption": "...",
      "labels": {"scene": "indoor", "object": [["cat", null], ["cat", "dog"]]},
-     "vqa": [{"question": "...", "choices": ["x", "y"], "answer": "x", "type": "t"}]}
+     "vqa": [{"question": "...", "choices": ["x", "y"], "answer": "x", "type": "t",
+              "answer_prefix": "It is", "choice_texts": ["an x", "a y"]}]}
 
   A label is either one class name for the whole image (an image-level label, spread
   over every cell) or a G x G nested list of class names (``null`` = no label for that
@@ -20,8 +21,14 @@ Manifest format (paths are relative to the manifest file):
   G = 1 (every token takes the image's label).
 - CSV with a header: ``image`` (required), ``image_id``, ``caption``, image-level label
   columns named ``label_<task>`` (empty = no label), and VQA columns ``question``,
-  ``choices`` (``"a|b|c"``), ``answer``, ``type``, ``item_id``. Several rows may name
-  the same image (one per question); the image fields are taken from its first row.
+  ``choices`` (``"a|b|c"``), ``answer``, ``type``, ``item_id``, ``answer_prefix``,
+  ``choice_texts`` (``"a|b|c"``). Several rows may name the same image (one per
+  question); the image fields are taken from its first row.
+
+A VQA item's optional ``answer_prefix`` and ``choice_texts`` (one per choice) say how its
+answer is phrased when scored: the prompt ends with the prefix and each choice's text
+follows it after a space (``embedlens.vqa.item_framing``); without them the bare choices
+follow the generation prompt.
 
 Class names per task are sorted (stable across runs); label values are indices into
 that list. VQA ``type`` defaults to ``"custom"``; ``item_id`` to ``{image_id}-q{k}``.
@@ -315,7 +322,8 @@ def _read_csv(path: Path) -> list[_Row]:
         cols = reader.fieldnames or []
         if "image" not in cols:
             raise ManifestError(f"{path}: CSV needs an 'image' column; found columns {cols}")
-        known = {"image", "image_id", "caption", "question", "choices", "answer", "type", "item_id"}
+        known = {"image", "image_id", "caption", "question", "choices", "answer", "type", "item_id",
+                 "answer_prefix", "choice_texts"}
         unknown = [c for c in cols if c not in known and not c.startswith("label_")]
         if unknown:
             raise ManifestError(
@@ -340,6 +348,10 @@ def _read_csv(path: Path) -> list[_Row]:
                     q["type"] = get("type")
                 if get("item_id"):
                     q["item_id"] = get("item_id")
+                if get("answer_prefix"):
+                    q["answer_prefix"] = get("answer_prefix")
+                if get("choice_texts"):
+                    q["choice_texts"] = [c.strip() for c in get("choice_texts").split("|")]
                 vqa.append(q)
             labels = {c[len("label_"):]: get(c) for c in label_cols}
             rows.append(_Row(where, get("image"), get("image_id"), get("caption"), labels, vqa))
@@ -451,7 +463,8 @@ def manifest_source(
         items = []
         for k, q in enumerate(r.vqa):
             where = f"{r.where}: vqa[{k}]"
-            unknown = set(q) - {"question", "choices", "answer", "type", "item_id"}
+            unknown = set(q) - {"question", "choices", "answer", "type", "item_id", "answer_prefix",
+                                "choice_texts"}
             if unknown:
                 raise ManifestError(f"{where}: unknown keys {sorted(unknown)}")
             if not isinstance(q.get("question"), str) or not q["question"].strip():
@@ -463,16 +476,26 @@ def manifest_source(
                 raise ManifestError(f"{where}: 'choices' has duplicates: {choices}")
             if q.get("answer") not in choices:
                 raise ManifestError(f"{where}: answer {q.get('answer')!r} is not one of the choices {choices}")
-            items.append(
-                {
-                    "item_id": str(q.get("item_id") or f"{image_id}-q{k}"),
-                    "image_id": image_id,
-                    "type": str(q.get("type") or "custom"),
-                    "question": q["question"],
-                    "choices": list(choices),
-                    "answer": q["answer"],
-                }
-            )
+            item = {
+                "item_id": str(q.get("item_id") or f"{image_id}-q{k}"),
+                "image_id": image_id,
+                "type": str(q.get("type") or "custom"),
+                "question": q["question"],
+                "choices": list(choices),
+                "answer": q["answer"],
+            }
+            if q.get("answer_prefix") is not None:
+                if not isinstance(q["answer_prefix"], str):
+                    raise ManifestError(f"{where}: 'answer_prefix' must be a string")
+                item["answer_prefix"] = q["answer_prefix"]
+            if q.get("choice_texts") is not None:
+                texts = q["choice_texts"]
+                if (not isinstance(texts, list) or len(texts) != len(choices)
+                        or not all(isinstance(t, str) and t.strip() for t in texts)):
+                    raise ManifestError(f"{where}: 'choice_texts' must list one non-empty string per "
+                                        f"choice ({len(choices)}), got {texts!r}")
+                item["choice_texts"] = list(texts)
+            items.append(item)
         all_vqa.append(items)
     item_ids = [q["item_id"] for items in all_vqa for q in items]
     if len(set(item_ids)) != len(item_ids):

@@ -65,6 +65,26 @@ QUESTIONS: dict[str, str] = {
     "character": "Which letter is in the image?",
     "letter_colour": "What colour is the letter?",
 }
+#: How an answer to each question is phrased when it is scored (``embedlens.vqa``): the
+#: text after the generation prompt that the answer continues, and the template of each
+#: choice's text (``{c}`` = the choice, ``{art}`` = its article "a"/"an"). Picked for
+#: embedlens-mini among 2-4 phrasings per type on validation images (synthetic seed
+#: 999998, disjoint from training and evaluation): see ``src/embedlens/mini/MODEL_CARD.md``.
+#: Items carry the result (``answer_prefix``, ``choice_texts``), so ``eval-model`` and the
+#: compression benchmark score them the same way.
+ANSWER_FORMAT: dict[str, tuple[str, str]] = {
+    "shape": ("It is a", "{c}"),
+    "colour": ("The shape is", "{c}"),
+    "character": ("It is the letter", "{c}"),
+    "letter_colour": ("It is", "{art} {c} letter"),
+}
+
+
+def article(word: str) -> str:
+    """The indefinite article of ``word`` ("an orange", "a red")."""
+    return "an" if word[0].lower() in "aeiou" else "a"
+
+
 _VQA_CHOICES: dict[str, list[str]] = {
     "shape": SHAPE_NAMES,
     "colour": COLOUR_NAMES,
@@ -179,14 +199,10 @@ def _glyph_mask(letter: str, w: int, h: int) -> np.ndarray:
     return out
 
 
-def _article(word: str) -> str:
-    return "an" if word[0].lower() in "aeiou" else "a"
-
-
 def _caption(colour: str, shape: str, letter: str | None, letter_colour: str | None) -> str:
-    text = f"{_article(colour).capitalize()} {colour} {shape}"
+    text = f"{article(colour).capitalize()} {colour} {shape}"
     if letter is not None:
-        text += f" and {_article(letter_colour)} {letter_colour} letter {letter}"
+        text += f" and {article(letter_colour)} {letter_colour} letter {letter}"
     return text + "."
 
 
@@ -300,6 +316,9 @@ def _make_one(index: int, seed: int, image_size: int, grid: int, p_letter: float
                 "question": QUESTIONS[qtype],
                 "choices": list(_VQA_CHOICES[qtype]),
                 "answer": truth[qtype],
+                "answer_prefix": ANSWER_FORMAT[qtype][0],
+                "choice_texts": [ANSWER_FORMAT[qtype][1].format(c=c, art=article(c))
+                                 for c in _VQA_CHOICES[qtype]],
             }
         )
     return SyntheticExample(

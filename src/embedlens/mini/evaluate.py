@@ -5,7 +5,9 @@ chance level:
 
 1. **Multiple-choice VQA, question form** (``embedlens.vqa``): the synthetic set's
    questions ("What colour is the shape?" …), every choice scored by its length-normalized
-   log-likelihood after a short answer phrasing (``ANSWER_FORMAT``: "The shape is" + " red").
+   log-likelihood after the item's answer phrasing (``answer_prefix``/``choice_texts``, from
+   ``embedlens.datasets.synthetic.ANSWER_FORMAT``: "The shape is" + " red"), exactly as the
+   compression benchmark scores the same items (both use ``embedlens.vqa.item_framing``).
 2. **Multiple choice in caption form** (``caption_form``), the form the projector was
    trained on: after "Describe the image.", each caption field is chosen in turn with the
    true caption before it as context ("A red" + " circle").
@@ -31,28 +33,13 @@ from typing import Any
 import torch
 
 from embedlens.mini.train import CAPTION_QUESTION, EVAL_DATA_SEED, TRAIN_DATA_SEED_BASE, load_model
-from embedlens.vqa import PrefixCache, accuracy_table, score_choices
+from embedlens.datasets.synthetic import ANSWER_FORMAT, article
+from embedlens.vqa import PrefixCache, accuracy_table, score_choices, score_item
 
 ITEM_TYPES = ("shape", "colour", "character", "letter_colour")
 TYPE_LABELS = {"shape": "shape", "colour": "shape colour", "character": "letter",
                "letter_colour": "letter colour"}
-#: Question-form answers: (text appended to the prompt, choice template, separator). The
-#: choice is scored as ``sep + template.format(...)``; ``{c}`` is the choice, ``{art}`` its
-#: article. Chosen among 2-4 phrasings per type on validation images (synthetic seed
-#: VALIDATION_DATA_SEED, disjoint from training and evaluation): see MODEL_CARD.md.
-ANSWER_FORMAT: dict[str, tuple[str, str, str]] = {
-    "shape": ("It is a", "{c}", " "),
-    "colour": ("The shape is", "{c}", " "),
-    "character": ("It is the letter", "{c}", " "),
-    "letter_colour": ("It is", "{art} {c} letter", " "),
-}
 VALIDATION_DATA_SEED = 999_998
-
-
-def format_choices(item_type: str, choices: Sequence[str]) -> tuple[str, list[str], str]:
-    """(answer prefix, formatted choices, separator) for a synthetic VQA item type."""
-    prefix, template, sep = ANSWER_FORMAT.get(item_type, ("", "{c}", ""))
-    return prefix, [template.format(c=c, art=_article(c)) for c in choices], sep
 
 
 _CAPTION_RE = re.compile(
@@ -60,10 +47,6 @@ _CAPTION_RE = re.compile(
     r"(?:\s+and\s+an?\s+(?P<lcolour>[a-z]+)\s+letter\s+(?P<letter>[A-Za-z]))?\s*\.?",
     re.IGNORECASE,
 )
-
-
-def _article(word: str) -> str:
-    return "an" if word[0].lower() in "aeiou" else "a"
 
 
 def parse_caption(text: str) -> dict[str, str | None] | None:
@@ -104,15 +87,15 @@ def _caption_form_rows(model, processor, ex, cache: PrefixCache | None = None) -
         rows.append({"item_id": f"{ex.image_id}-{t}", "image_id": ex.image_id, "type": t,
                      "answer": answer, "pred": pred, "correct": pred == answer, "n_choices": n})
 
-    c = COLOUR_NAMES[pick("", [f"{_article(x).capitalize()} {x}" for x in COLOUR_NAMES], "")]
+    c = COLOUR_NAMES[pick("", [f"{article(x).capitalize()} {x}" for x in COLOUR_NAMES], "")]
     add("colour", c, ex.colour, len(COLOUR_NAMES))
-    first = f"{_article(ex.colour).capitalize()} {ex.colour}"
+    first = f"{article(ex.colour).capitalize()} {ex.colour}"
     add("shape", SHAPE_NAMES[pick(first, SHAPE_NAMES, " ")], ex.shape, len(SHAPE_NAMES))
     if ex.letter is not None:
         ctx = f"{first} {ex.shape} and"
-        lc = COLOUR_NAMES[pick(ctx, [f"{_article(x)} {x}" for x in COLOUR_NAMES], " ")]
+        lc = COLOUR_NAMES[pick(ctx, [f"{article(x)} {x}" for x in COLOUR_NAMES], " ")]
         add("letter_colour", lc, ex.letter_colour, len(COLOUR_NAMES))
-        ctx = f"{ctx} {_article(ex.letter_colour)} {ex.letter_colour} letter"
+        ctx = f"{ctx} {article(ex.letter_colour)} {ex.letter_colour} letter"
         add("character", LETTERS[pick(ctx, LETTERS, " ")], ex.letter, len(LETTERS))
     return rows
 
@@ -185,8 +168,8 @@ def evaluate_model(model_dir: Path | str, n_items: int = 200, seed: int = EVAL_D
     report: dict[str, Any] = {
         "model_dir": str(model_dir), "n_images": len(examples), "data_seed": int(seed),
         "scoring": {"vqa": "length-normalized answer log-likelihood; prompt = chat template with the "
-                           "image and the question, then the answer prefix; choices formatted as in "
-                           "answer_format (prefix, template, separator)",
+                           "image and the question, then the item's answer_prefix; each choice scored "
+                           "as ' ' + its choice_text (answer_format: prefix, choice template)",
                     "answer_format": ANSWER_FORMAT,
                     "caption_form": "after 'Describe the image.', each caption field in turn given the "
                                     "true caption before it: '{A|An} {colour}' (8), ' {shape}' (6), "
@@ -204,14 +187,10 @@ def evaluate_model(model_dir: Path | str, n_items: int = 200, seed: int = EVAL_D
         vqa_rows, form_rows, cap_rows, samples = [], [], [], []
         for ex in tqdm(examples, desc=f"eval {label}", unit="image", disable=not progress):
             cache = PrefixCache()  # the image's prefill, shared by all its questions
-            for item in ex.vqa:
-                prefix, choices, sep = format_choices(item["type"], item["choices"])
-                cs = score_choices(model, processor, ex.image, item["question"], choices,
-                                   answer_prefix=prefix, answer_sep=sep, prefix_cache=cache)
-                pred = item["choices"][cs.pred_index]
-                vqa_rows.append({"item_id": item["item_id"], "image_id": ex.image_id, "type": item["type"],
-                                 "answer": item["answer"], "pred": pred, "correct": pred == item["answer"],
-                                 "n_choices": len(choices), "scores": [round(x, 4) for x in cs.scores]})
+            for item in ex.vqa:  # framed by the item itself, as the compression benchmark does
+                row = score_item(model, processor, ex.image, item, prefix_cache=cache)
+                vqa_rows.append({k: row[k] for k in ("item_id", "image_id", "type", "answer", "pred",
+                                                     "correct", "n_choices", "scores")})
             if caption_form:
                 form_rows.extend(_caption_form_rows(model, processor, ex, cache))
             if captions:
