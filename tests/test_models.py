@@ -70,7 +70,11 @@ def test_visual_positions_and_direct_call(adapters, arch):
     processor produced, and the returned states equal a direct HF forward at those positions."""
     ad = adapters[arch]
     batch = ad.prepare(_images(_sizes(arch)), PROMPT)
-    out = ad.forward_hidden(batch, llm_layers=None)
+    ad.truncate = False  # the same sequence as the direct call (truncation: the next test)
+    try:
+        out = ad.forward_hidden(batch, llm_layers=None)
+    finally:
+        ad.truncate = True
     ids, mask = batch["input_ids"], batch["attention_mask"]
     with torch.inference_mode():
         ref = ad.model(**batch.inputs, output_hidden_states=True).hidden_states
@@ -82,6 +86,45 @@ def test_visual_positions_and_direct_call(adapters, arch):
         assert img.llm.shape == (ad.num_layers + 1, img.n_tokens, ad.hidden_size)
         for layer in range(ad.num_layers + 1):
             torch.testing.assert_close(img.llm[layer], ref[layer][i, expected_pos], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_truncation_after_the_last_image_token(adapters, arch):
+    """Where the architecture allows it, the text after the last visual token is left out of
+    the forward pass and the visual states stay the same; where it does not (prefix-LM), the
+    cut would change them, so the flag is needed."""
+    from embedlens.models.adapter import _truncate_after
+
+    ad = adapters[arch]
+    batch = ad.prepare(_images(_sizes(arch)), PROMPT)
+    lengths = []
+
+    def seen(module, args, kwargs):
+        lengths.append((args[0] if args else kwargs["hidden_states"]).shape[1])
+
+    handle = ad._decoder.layers[0].register_forward_pre_hook(seen, with_kwargs=True)
+    try:
+        ad.truncate = False
+        full = ad.forward_hidden(batch, None)
+        ad.truncate = True
+        cut = ad.forward_hidden(batch, None)
+    finally:
+        handle.remove()
+        ad.truncate = True
+    P = batch["input_ids"].shape[1]
+    last = 1 + max(int(p[-1]) for p in batch.image_positions)
+    assert last < P, "the prompt has text after the image"
+    if ad.overrides.truncate_after_image:
+        assert lengths == [P, last]
+        for i, (a, b) in enumerate(zip(full, cut)):
+            _assert_rel_close(b.llm, a.llm, rel=1e-5, what=f"{arch} image {i}")
+    else:
+        assert lengths == [P, P]
+        inputs = _truncate_after(dict(batch.inputs), last)
+        with torch.inference_mode():
+            hs = ad.model(**inputs, output_hidden_states=True).hidden_states
+        pos = torch.as_tensor(batch.image_positions[0])
+        assert not torch.allclose(hs[-1][0, pos], full[0].llm[-1], rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)

@@ -34,6 +34,9 @@ class ExtractSettings:
     device: str = "auto"
     batch_size: int = 8
     prompt: str = "Describe the image."
+    #: leave out the prompt text after the last visual token where the architecture allows
+    #: (``ArchOverrides.truncate_after_image``): same values, less work; off only to compare
+    truncate: bool = True
 
     def identity(self) -> dict:
         """The settings that define the stored values (batch size and device do not)."""
@@ -114,6 +117,7 @@ def extract_shard(model_dir: str | Path, dataset_dir: str | Path, out: str | Pat
     device = resolve_device(settings.device)
     adapter = VLMAdapter.load(str(model_dir), dtype=settings.compute_dtype, device=device,
                               trust_remote_code=trust_remote_code)
+    adapter.truncate = settings.truncate
     llm_layers = resolve_layers(settings.layers, adapter.num_layers + 1)
     vision_layers = list(settings.vision_layers)
     indices = list(range(start, stop))

@@ -197,6 +197,23 @@ def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}") from None
 
 
+_PER_TOKEN_KEYS = ("input_ids", "attention_mask")
+
+
+def _truncate_after(inputs: dict[str, torch.Tensor], cut: int) -> dict[str, torch.Tensor]:
+    """``inputs`` without the token columns from ``cut`` on. With causal attention no visual
+    token sees them, so the visual tokens' hidden states do not change. Any other per-token
+    tensor the adapter does not know keeps the sequence whole (nothing is cut)."""
+    ids = inputs["input_ids"]
+    B, P = ids.shape
+    if cut >= P:
+        return inputs
+    per_token = {k for k, v in inputs.items() if v.dim() >= 2 and tuple(v.shape[:2]) == (B, P)}
+    if any(k not in _PER_TOKEN_KEYS and not k.endswith("token_type_ids") for k in per_token):
+        return inputs
+    return {k: (v[:, :cut] if k in per_token else v) for k, v in inputs.items()}
+
+
 # --------------------------------------------------------------------------- adapter
 
 
@@ -218,6 +235,9 @@ class VLMAdapter:
         self.image_token_id = self._find_image_token_id()
         self._decoder = self._find_decoder()
         self._vision_layers_list = None
+        #: leave out the text after the last visual token where the architecture allows it
+        #: (`ArchOverrides.truncate_after_image`); the states are the same, the work less
+        self.truncate = True
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -544,6 +564,8 @@ class VLMAdapter:
             k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in batch.inputs.items()
         }
         n_images = len(batch)
+        if self.overrides.truncate_after_image and self.truncate:
+            inputs = _truncate_after(inputs, 1 + max(int(p[-1]) for p in batch.image_positions))
         with torch.inference_mode(), self._capture(vis_idx, prenorm_last) as store:
             out = self.model(**inputs, **self._model_kwargs(llm_idx))
         hs = out.hidden_states if llm_idx else [None] * (self.num_layers + 1)

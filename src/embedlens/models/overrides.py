@@ -105,6 +105,13 @@ class ArchOverrides:
     #: placeholder string, `{prompt}` the user prompt
     placeholder: str = "{image}\n{prompt}"
 
+    #: Whether the text after the last visual token can be left out of the forward pass: true
+    #: when no earlier token attends to a later one (causal decoders; Gemma 3's bidirectional
+    #: attention stays inside each image block). False for prefix-LM models (PaliGemma: image
+    #: and prompt attend to each other both ways) and, to be safe, for unknown architectures.
+    #: Checked for every registered architecture in tests/test_models.py.
+    truncate_after_image: bool = False
+
     def layout(self, ctx: ImageContext) -> TokenLayout:
         n = ctx.n_tokens
         side = _square_side(n)
@@ -141,6 +148,8 @@ class ArchOverrides:
 class LlavaOverrides(ArchOverrides):
     """LLaVA-1.5: CLIP patches h x w (+ CLS dropped by the "default" strategy), 1:1 projector."""
 
+    truncate_after_image = True
+
     def vision_to_llm(self, ctx, n_vtok):
         n = ctx.n_tokens
         strategy = getattr(ctx.config, "vision_feature_select_strategy", "default")
@@ -153,6 +162,8 @@ class LlavaOverrides(ArchOverrides):
 class LlavaNextOverrides(ArchOverrides):
     """LLaVA-NeXT any-res: base view (h x w) then the unpadded crop grid with a separator
     (``image_newline``) ending each row. Grid = the unpadded crop grid (the finest view)."""
+
+    truncate_after_image = True
 
     def _geometry(self, ctx: ImageContext) -> dict:
         if "geometry" in ctx.extra:
@@ -252,6 +263,8 @@ class Qwen2VLOverrides(ArchOverrides):
     """Qwen2-VL / Qwen2.5-VL: dynamic resolution; LLM grid = image_grid_thw[1:] // merge, row
     major; the vision tower sees packed patches of all images, m x m patches per LLM token."""
 
+    truncate_after_image = True
+
     def _thw(self, inputs, i):
         return [int(v) for v in inputs["image_grid_thw"][i].tolist()]
 
@@ -312,6 +325,8 @@ class Gemma3Overrides(ArchOverrides):
     """Gemma 3: SigLIP p x p patches average-pooled to sqrt(mm_tokens_per_image)^2 soft tokens.
     Pan-and-scan crops (off by default) add further image blocks, laid out as one row each."""
 
+    truncate_after_image = True
+
     def vision_to_llm(self, ctx, n_vtok):
         per_side = _square_side(int(ctx.config.mm_tokens_per_image))
         p = _square_side(n_vtok)
@@ -331,6 +346,8 @@ _ROW_COL = re.compile(r"<row_(\d+)_col_(\d+)>")
 class Idefics3Overrides(ArchOverrides):
     """Idefics3 / SmolVLM: image split into rows x cols tiles plus a global view (the last
     block), each tile s x s tokens after the pixel shuffle. Grid = all tiles side by side."""
+
+    truncate_after_image = True
 
     def _tiles(self, ctx) -> tuple[int, int, int]:
         seq = int(getattr(ctx.processor, "image_seq_len", 0)) or None
@@ -410,6 +427,7 @@ class PaliGemmaOverrides(ArchOverrides):
     processor itself appends BOS after the image tokens and a newline after the prompt."""
 
     placeholder = "{image}{prompt}"
+    truncate_after_image = False  # prefix-LM: the image tokens attend to the prompt after them
 
 
 _REGISTRY: dict[str, ArchOverrides] = {
