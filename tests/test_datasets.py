@@ -387,7 +387,7 @@ def test_folder_fail_names_file(tmp_path, mixed_folder):
     # sorted order: a.jpg, b.png, bomb.png <- first bad one
     assert "bomb.png" in str(ei.value) and "decompression bomb" in str(ei.value)
     assert "on_bad_image: skip" in str(ei.value)
-    assert not out.exists() and not list(out.parent.glob("f.tmp-*"))
+    assert not out.exists() and not list(out.parent.glob(".f.tmp-*"))
 
 
 def test_folder_skip_records_bad(tmp_path, mixed_folder):
@@ -538,7 +538,7 @@ def test_skimage_source(tmp_path):
 def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
     out = tmp_path / "datasets" / "s"
     (tmp_path / "datasets").mkdir()
-    stale = tmp_path / "datasets" / "s.tmp-dead"  # left by a killed run
+    stale = tmp_path / "datasets" / ".s.tmp-dead"  # left by a killed run
     (stale / "images").mkdir(parents=True)
 
     def boom(*a, **k):

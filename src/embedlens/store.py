@@ -10,10 +10,6 @@ looks finished.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -23,6 +19,8 @@ import warnings
 import numpy as np
 import xarray as xr
 import zarr
+
+from .atomic import atomic_directory  # noqa: F401 - part of this module's API
 
 # Consolidated metadata is what makes opening a store one read instead of one per
 # array; zarr warns that it is not (yet) in the v3 spec. Known and accepted.
@@ -36,38 +34,6 @@ COMPLETE_ATTR = "embedlens_complete"
 
 class StoreOverflowError(RuntimeError):
     """Values too large for float16 (massive activations); the caller retries in float32."""
-
-
-@contextmanager
-def atomic_directory(final: str | Path):
-    """Yield a temporary sibling directory; rename it to ``final`` only on success.
-
-    Failure (any exception, or the process being killed) leaves the temporary
-    directory behind under a name no reader looks for; the next attempt removes it.
-    An existing ``final`` is moved aside (``.{name}.old-*``) before the new one is
-    renamed in, and only then deleted: deleting it in place would leave a half-deleted
-    store that still opens as complete if the process were killed meanwhile.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    for pattern in (f".{final.name}.tmp-*", f".{final.name}.old-*"):
-        for stale in final.parent.glob(pattern):
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if final.exists():
-        # rename(2) replaces only an empty directory: rename the old store aside first.
-        aside = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(final, aside)
-        os.replace(tmp, final)
-        shutil.rmtree(aside, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
 
 
 class ShardWriter:

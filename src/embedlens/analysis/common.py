@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -454,16 +453,10 @@ def read_patch_labels(dataset_dir: str | os.PathLike) -> PatchLabels:
 
 # --------------------------------------------------------------------------- outputs
 def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from embedlens.atomic import atomic_file
+
+    with atomic_file(path) as tmp:
+        write(str(tmp))
 
 
 def write_parquet(df: pd.DataFrame, path: str | os.PathLike) -> Path:

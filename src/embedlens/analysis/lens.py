@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +25,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from embedlens.atomic import atomic_directory
 
 from .common import (
     VocabIndex,
@@ -186,8 +185,6 @@ def layer_lens(
     per_image = len(layers) * T * hidden.sizes["dim"] * itemsize
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
-    shutil.rmtree(tmp)
     info = {
         "model": model, "dataset": dataset, "k": int(k), "layers": layers, "num_layers": L,
         "final_norm_applied_to_last_layer": applied_last,
@@ -200,7 +197,7 @@ def layer_lens(
                                "HF hidden state (already normed).")],
     }
     first = True
-    try:
+    with atomic_directory(out_path) as tmp:
         blocks = list(image_blocks(len(pos), per_image, max_block_bytes))
         for s, e in progress_bar(blocks, enabled=progress, desc="layer lens", unit="block"):
             sel = pos[s:e]
@@ -261,12 +258,6 @@ def layer_lens(
 
         g = zarr.open_group(str(tmp), mode="r+")
         g.attrs["info"] = json.dumps(info)
-        if out_path.exists():
-            shutil.rmtree(out_path)
-        os.replace(tmp, out_path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return info
 
 

@@ -4,10 +4,10 @@ Layout (the contract in docs/architecture.md, "Materialized data set"):
 ``dataset.json`` (records, label vocabulary, VQA items, bad images), ``images/{id}.png``
 (normalised RGB) and, when the set has labels, ``labels.npz`` (task -> (n, G, G) int16).
 
-Atomicity: everything is written to a sibling ``{name}.tmp-XXXX/`` and renamed into
-place only when complete, so a directory named ``{name}`` is always a complete data set;
-an exception (or Ctrl-C) midway removes the temp dir, and a temp dir left by a killed
-process is removed by the next run.
+Atomicity (:func:`embedlens.atomic.atomic_directory`): everything is written to a hidden
+sibling ``.{name}.tmp-XXXX/`` and renamed into place only when complete, so a directory
+named ``{name}`` is always a complete data set; an exception (or Ctrl-C) midway removes
+the temp dir, and a temp dir left by a killed process is removed by the next run.
 """
 
 from __future__ import annotations
@@ -15,9 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from embedlens.atomic import atomic_directory
 from embedlens.datasets.images import DEFAULT_MAX_PIXELS
 from embedlens.datasets.sources import (
     ON_BAD_IMAGE,
@@ -47,8 +45,6 @@ SPEC_DEFAULTS: dict[str, dict] = {
 }
 _REQUIRED = {"folder": ("path",), "manifest": ("path",)}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_TMP_MARK = ".tmp-"
-_OLD_MARK = ".old-"
 
 
 def effective_spec(name: str, spec: dict) -> dict:
@@ -103,14 +99,6 @@ def _open_source(spec: dict, on_bad_image: str, max_pixels) -> _Collected:
     else:
         data = manifest_source(spec["path"], on_bad_image, max_pixels)
     return _Collected(data.label_tasks, data.label_grid, iter(data.items), data.bad_images)
-
-
-def _remove_leftovers(parent: Path, base: str) -> None:
-    # Temp/old dirs of this data set left by a killed run: never complete, safe to drop.
-    for p in parent.glob(f"{base}{_TMP_MARK}*"):
-        shutil.rmtree(p, ignore_errors=True)
-    for p in parent.glob(f"{base}{_OLD_MARK}*"):
-        shutil.rmtree(p, ignore_errors=True)
 
 
 def _save_labels(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -198,25 +186,9 @@ def materialize(
                 "refusing to replace it. Pass the data set's own directory "
                 "(results/datasets/<name>) or remove it first."
             )
-    parent = out.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    _remove_leftovers(parent, out.name)
-
     src = _open_source(spec, on_bad_image, max_pixels)  # config errors before any writing
-    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}{_TMP_MARK}", dir=parent))
-    try:
+    with atomic_directory(out) as tmp:
         _write(tmp, name, spec, src)
-        if out.exists() and any(out.iterdir()):
-            # rename(2) only replaces an *empty* directory: move the old set aside first.
-            old = parent / f"{out.name}{_OLD_MARK}{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
