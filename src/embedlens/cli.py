@@ -118,7 +118,7 @@ def cmd_train_projector(args) -> int:
             # serves as the base; the converted towers are cached in resources/.
             model_dir = build_mini(Path(tmp) / "embedlens-mini", args.wheels)
         train_projector(model_dir, args.out, steps=args.steps, seed=args.seed,
-                        batch_size=args.batch_size)
+                        batch_size=args.batch_size, device=args.device)
     return 0
 
 
@@ -287,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=400)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     s.set_defaults(func=cmd_train_projector)
 
     s = sub.add_parser("eval-model", help="score held-out synthetic VQA items")

@@ -118,9 +118,10 @@ def precompute_features(model, processor, images: Sequence, batch_size: int = 32
     it = range(0, len(images), batch_size)
     for i in tqdm(it, desc="vision features", unit="batch", disable=not progress, leave=False):
         pv = processor.image_processor(list(images[i:i + batch_size]), return_tensors="pt")["pixel_values"]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            feats = _vision_select(model, pv.to(model.dtype))
-        chunks.append(feats.to(torch.bfloat16 if bf16 else torch.float32))
+        dev = model.device
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+            feats = _vision_select(model, pv.to(dev, model.dtype))
+        chunks.append(feats.to(torch.bfloat16 if bf16 else torch.float32).cpu())
     return torch.cat(chunks, 0)
 
 
@@ -153,7 +154,8 @@ class ProjectorTrainer:
         self.features = features
         self.targets = targets
         self.pad_id = pad_id
-        self.prompt = torch.tensor(prompt_ids, dtype=torch.long)
+        self.device = model.device
+        self.prompt = torch.tensor(prompt_ids, dtype=torch.long, device=self.device)
         self.image_pos = (self.prompt == model.config.image_token_id).nonzero().squeeze(-1)
         if len(self.image_pos) != features.shape[1]:
             raise ValueError(f"prompt has {len(self.image_pos)} image tokens, features have "
@@ -174,7 +176,8 @@ class ProjectorTrainer:
         self.n_prefix = int(self.image_pos[0]) if prefix_cache else 0
         self.prefix_kv = None
         if self.n_prefix > 0:
-            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16_autocast):
+            with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                                 enabled=recipe.bf16_autocast):
                 out = self.lm(inputs_embeds=self.prompt_emb[: self.n_prefix].unsqueeze(0), use_cache=True)
             self.prefix_kv = out.past_key_values
         self.opt = torch.optim.AdamW(self.proj.parameters(), lr=recipe.lr, betas=tuple(recipe.betas),
@@ -209,22 +212,23 @@ class ProjectorTrainer:
         for j, i in enumerate(idx):
             tgt[j, :lens[j]] = torch.tensor(self.targets[i])
             mask[j, P:P + lens[j]] = 1
+        tgt, mask = tgt.to(self.device), mask.to(self.device)
         with torch.no_grad():
             tgt_emb = self.embed(tgt)
-        feats = self.features[list(idx)]
+        feats = self.features[list(idx)].to(self.device)
         kw: dict[str, Any] = {"use_cache": False}
         if self.prefix_kv is not None:
             cache = copy.deepcopy(self.prefix_kv)
             cache.batch_repeat_interleave(B)
             kw = {"past_key_values": cache, "use_cache": True}
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.recipe.bf16_autocast):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.recipe.bf16_autocast):
             img = self.proj(feats.to(torch.float32))
             emb = self.prompt_emb[S:].unsqueeze(0).expand(B, -1, -1).clone().to(img.dtype)
             emb[:, self.image_pos - S] = img
             emb = torch.cat([emb, tgt_emb.to(img.dtype)], dim=1)  # (B, P - S + T, d)
             h = self.lm(inputs_embeds=emb, attention_mask=mask, **kw).last_hidden_state
             # sequence position P - 1 + k (row index P - 1 - S + k of h) predicts target token k
-            sel = torch.zeros((B, P - S + T), dtype=torch.bool)
+            sel = torch.zeros((B, P - S + T), dtype=torch.bool, device=self.device)
             labels = []
             for j in range(B):
                 sel[j, P - 1 - S:P - 1 - S + lens[j]] = True
@@ -281,13 +285,17 @@ def train_projector(model_dir: Path | str, out_path: Path | str, steps: int = DE
                     batch_size: int = DEFAULT_BATCH, lr: float = DEFAULT_LR, n_images: int = 0,
                     warmup_frac: float = 0.05, bf16: bool = True, log_path: Path | str | None = None,
                     progress: bool = True, threads: int | None = None,
-                    feature_threads: int | None = 1) -> dict[str, Any]:
+                    feature_threads: int | None = 1, device: str = "auto") -> dict[str, Any]:
     """Train the projector of the model in ``model_dir``; write weights + a JSON log.
 
     ``out_path``: the projector ``.safetensors``; ``log_path``: the JSON with recipe, loss
     curve and timings (default ``training.json`` beside ``out_path``). ``n_images``: distinct
-    synthetic training images (0 → ``min(steps × batch_size, 4000)``). Returns the log dict.
+    synthetic training images (0 → ``min(steps × batch_size, 4000)``). ``device``: ``"auto"``
+    (CUDA when available, else CPU), ``"cpu"`` or ``"cuda"``; bf16 autocast on either.
+    Returns the log dict.
     """
+    from embedlens.extract import resolve_device
+
     from tqdm.auto import tqdm
 
     from embedlens.datasets.synthetic import make_examples
@@ -308,6 +316,8 @@ def train_projector(model_dir: Path | str, out_path: Path | str, steps: int = DE
     timings: dict[str, float] = {}
 
     model, processor = load_model(model_dir)
+    dev = resolve_device(device)
+    model.to(dev)
     init_projector_(_projector(model), recipe.seed)
     timings["load_s"] = time.perf_counter() - t0
 
@@ -367,7 +377,7 @@ def train_projector(model_dir: Path | str, out_path: Path | str, steps: int = DE
         "projector_params": int(sum(p.numel() for p in _projector(model).parameters())),
         "loss_first": losses[0], "loss_last_mean20": float(np.mean(losses[-20:])),
         "loss_curve": curve, "loss": losses, "grad_norm": gnorms, "lr": lrs,
-        "timings": timings, "env": _env_info(),
+        "timings": timings, "env": {**_env_info(), "device": str(dev)},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     save_projector(model, out_path, {"embedlens_recipe": asdict(recipe)})
@@ -395,9 +405,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=DEFAULT_LR)
     ap.add_argument("--n-images", type=int, default=0)
     ap.add_argument("--no-bf16", action="store_true")
+    ap.add_argument("--device", default="auto")
     a = ap.parse_args(argv)
     log = train_projector(a.model, a.out, a.steps, a.seed, a.batch_size, lr=a.lr, n_images=a.n_images,
-                          bf16=not a.no_bf16, log_path=a.log)
+                          bf16=not a.no_bf16, log_path=a.log, device=a.device)
     print(json.dumps({k: log[k] for k in ("loss_first", "loss_last_mean20", "timings")}, indent=1),
           file=sys.stderr)
     return 0
