@@ -84,3 +84,22 @@ def test_vocab_store(tmp_path):
     np.testing.assert_array_equal(v.embedding.values, emb)
     assert v.is_special.values.nonzero()[0].tolist() == [3, 7]
     assert v.token_string.values[2] == "t2"
+
+
+def test_atomic_file_replaces_only_on_success_with_normal_permissions(tmp_path):
+    import os
+
+    from embedlens.atomic import atomic_file
+
+    out = tmp_path / "t.json"
+    with atomic_file(out) as tmp:
+        tmp.write_text("one")
+    assert out.read_text() == "one"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's private 0600
+    with pytest.raises(RuntimeError):
+        with atomic_file(out) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert out.read_text() == "one" and sorted(p.name for p in tmp_path.iterdir()) == ["t.json"]

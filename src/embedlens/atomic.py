@@ -52,12 +52,17 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
 
 @contextmanager
 def atomic_file(final: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling path (``.{name}.*``, not created); ``final`` is replaced by
-    whatever was written there only when the block succeeds."""
+    """Yield a temporary sibling file (``.{name}.*``, empty, with the permissions a new file
+    gets); ``final`` is replaced by it only when the block succeeds."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", dir=final.parent)
     os.close(fd)
+    # mkstemp creates the file private (0600); give it what a new file gets (umask), so a
+    # report or table is readable by whoever may read the results directory
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     tmp = Path(tmp)
     try:
         yield tmp

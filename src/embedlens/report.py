@@ -227,13 +227,10 @@ def export_html(nb, out_html: str | os.PathLike, *, title: str | None = None) ->
         nb.metadata["title"] = title
     body, _ = html_exporter().from_notebook_node(nb)
     out = Path(out_html)
-    tmp = _atomic_target(out, ".html")
-    try:
+    from embedlens.atomic import atomic_file
+
+    with atomic_file(out) as tmp:
         tmp.write_text(body, encoding="utf-8")
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return out
 
 
