@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import time
 from collections.abc import Sequence
@@ -210,13 +209,14 @@ def evaluate_model(model_dir: Path | str, n_items: int = 200, seed: int = EVAL_D
     report["seconds"] = time.perf_counter() - t0
     report["markdown"] = markdown_table(report)
     if out_json:
+        from embedlens.atomic import atomic_file
+
         out_json = Path(out_json)
-        out_json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out_json.with_name(out_json.name + f".tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(report, indent=1))
-        os.replace(tmp, out_json)
         md = Path(out_md) if out_md else out_json.with_suffix(".md")
-        md.write_text(report["markdown"])
+        with atomic_file(out_json) as tmp:
+            tmp.write_text(json.dumps(report, indent=1))
+        with atomic_file(md) as tmp:
+            tmp.write_text(report["markdown"])
     return report
 
 

@@ -258,17 +258,14 @@ def projector_state(model) -> dict[str, torch.Tensor]:
 def save_projector(model, path: Path, metadata: dict[str, Any] | None = None) -> Path:
     from safetensors.torch import save_file
 
+    from embedlens.atomic import atomic_file
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     meta = {"format": "pt"}
     for k, v in (metadata or {}).items():
         meta[k] = v if isinstance(v, str) else json.dumps(v)
-    save_file(projector_state(model), str(tmp), metadata=meta)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file(projector_state(model), str(tmp), metadata=meta)
     return path
 
 
@@ -385,10 +382,10 @@ def train_projector(model_dir: Path | str, out_path: Path | str, steps: int = DE
     from embedlens.mini.build import sha256_file
 
     log["projector_sha256"] = sha256_file(out_path)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = log_path.with_name(log_path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(log, indent=1))
-    os.replace(tmp, log_path)
+    from embedlens.atomic import atomic_file
+
+    with atomic_file(log_path) as tmp:
+        tmp.write_text(json.dumps(log, indent=1))
     return log
 
 
