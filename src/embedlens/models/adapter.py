@@ -51,7 +51,7 @@ class ImageHidden:
     llm: (n_layers, n_tok, d) decoder states at the visual positions, layers as requested.
     vision: (n_vlayers, n_vtok, vd) vision-encoder states (all crops/tiles), or None.
     patch_row, patch_col: (n_tok,) int32 position in the `grid` (-1 = no image patch).
-    grid: (R, C).
+    grid: (R, C); (0, 0) when the grid is unknown (`grid_known` False).
     positions: (n_tok,) sequence positions of the visual tokens in the prepared batch row.
     view: (n_tok,) int8, 0 = base/global view, 1 = crop/tile, -1 = no patch (separator).
     vision_to_llm: (n_vtok,) int32 index of the visual token each vision token feeds (-1 none),
@@ -67,6 +67,9 @@ class ImageHidden:
     view: np.ndarray | None = None
     vision_to_llm: np.ndarray | None = None
     layout_note: str = ""
+    #: False when the architecture's patch grid is unknown for this image (then grid = (0, 0)
+    #: and every patch_row/patch_col is -1; `layout_note` says why)
+    grid_known: bool = True
 
     @property
     def n_tokens(self) -> int:
@@ -526,16 +529,11 @@ class VLMAdapter:
 
     def _model_kwargs(self, llm_idx: list[int]) -> dict:
         params = inspect.signature(self.model.forward).parameters
-        # transformers 5 keeps only the hidden states whose indices are listed (the others come
-        # back as None), which saves memory when few layers are extracted; code that only
-        # knows a boolean flag sees a non-empty list as True and returns them all.
-        if not llm_idx:
-            wanted: bool | list[int] = False
-        elif len(set(llm_idx)) == self.num_layers + 1:
-            wanted = True
-        else:
-            wanted = sorted(set(llm_idx))
-        kw = {"output_hidden_states": wanted, "return_dict": True}
+        # A flag, never a list of indices: transformers 5 forwards `output_hidden_states` to
+        # every sub-model, so a list selecting decoder layers also selects the *vision
+        # tower's* layers and breaks the projector's own feature-layer read (LLaVA reads
+        # vision layer -2). The unwanted decoder layers are dropped right after the forward.
+        kw = {"output_hidden_states": bool(llm_idx), "return_dict": True}
         if "use_cache" in params:
             kw["use_cache"] = False
         if "logits_to_keep" in params:
@@ -613,6 +611,7 @@ class VLMAdapter:
                     view=layout.view,
                     vision_to_llm=v2l,
                     layout_note=layout.note,
+                    grid_known=bool(layout.known),
                 )
             )
         return results

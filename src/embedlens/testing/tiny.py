@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-TINY_ARCHS = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "gemma3", "idefics3", "paligemma")
+# the full list (with the families of tiny_llava_family / tiny_recent) is set at the end of the module
+TINY_ARCHS: tuple[str, ...] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "gemma3", "idefics3", "paligemma")
 
 # Shared tiny sizes. head_dim = 16 for every decoder (Qwen's mrope sections must sum to 8).
 _D = 32  # decoder hidden size
@@ -626,3 +627,14 @@ def build_tiny_model(arch: str, out_dir: str | Path, seed: int = 0) -> Path:
         if bars:
             hf_logging.enable_progress_bar()
     return out_dir
+
+
+# Families added later live in their own modules (they use the helpers above): each exports
+# BUILDERS (arch -> builder) and SKIPPED (arch -> why it cannot be built on this machine).
+from embedlens.testing import tiny_llava_family as _llava_family, tiny_recent as _recent  # noqa: E402
+
+for _family in (_llava_family, _recent):
+    _BUILDERS.update(_family.BUILDERS)
+TINY_ARCHS = tuple(_BUILDERS)
+#: architectures whose tiny model cannot be built here, with the reason (tests skip them, saying so)
+TINY_SKIPPED: dict[str, str] = {**_llava_family.SKIPPED, **_recent.SKIPPED}

@@ -1,0 +1,123 @@
+"""LLaVA-1.5 and LLaVA-NeXT (any-res)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .base import ArchOverrides, ImageContext, TokenLayout, _coarse_to_fine, _layout, _row_major, _square_side, register_overrides
+
+
+class LlavaOverrides(ArchOverrides):
+    """LLaVA-1.5: CLIP patches h x w (+ CLS dropped by the "default" strategy), 1:1 projector."""
+
+    truncate_after_image = True
+
+    def vision_to_llm(self, ctx, n_vtok):
+        n = ctx.n_tokens
+        strategy = getattr(ctx.config, "vision_feature_select_strategy", "default")
+        offset = n_vtok - n  # 1 with CLS and "default", 0 for "full"
+        if strategy == "default" and offset == 1 or offset == 0:
+            return (np.arange(n_vtok) - offset).astype(np.int32)
+        return None
+
+
+class LlavaNextOverrides(ArchOverrides):
+    """LLaVA-NeXT any-res: base view (h x w) then the unpadded crop grid with a separator
+    (``image_newline``) ending each row. Grid = the unpadded crop grid (the finest view)."""
+
+    truncate_after_image = True
+
+    def _geometry(self, ctx: ImageContext) -> dict:
+        if "geometry" in ctx.extra:
+            return ctx.extra["geometry"]
+        from transformers.models.llava_next.modeling_llava_next import (
+            get_anyres_image_grid_shape,
+            unpad_image,
+        )
+
+        cfg = ctx.config
+        image_size = cfg.vision_config.image_size
+        side = image_size // cfg.vision_config.patch_size
+        orig = [int(v) for v in ctx.inputs["image_sizes"][ctx.image_index].tolist()]
+        nph, npw = get_anyres_image_grid_shape(orig, cfg.image_grid_pinpoints, image_size)
+        # Run the model's own unpad on an index map to learn which crop-grid rows and
+        # columns survive (identical rounding to the model).
+        rows_idx = torch.arange(nph * side).view(1, -1, 1).expand(1, nph * side, npw * side)
+        cols_idx = torch.arange(npw * side).view(1, 1, -1).expand(1, nph * side, npw * side)
+        kept_r = unpad_image(rows_idx, orig)[0, :, 0]
+        kept_c = unpad_image(cols_idx, orig)[0, 0, :]
+        geo = dict(
+            side=side,
+            nph=nph,
+            npw=npw,
+            r0=int(kept_r[0]),
+            c0=int(kept_c[0]),
+            cur_h=int(kept_r.numel()),
+            cur_w=int(kept_c.numel()),
+            n_crops=1 + nph * npw,
+        )
+        ctx.extra["geometry"] = geo
+        return geo
+
+    def layout(self, ctx):
+        g = self._geometry(ctx)
+        side, cur_h, cur_w = g["side"], g["cur_h"], g["cur_w"]
+        n_base, n_hr = side * side, cur_h * (cur_w + 1)
+        if ctx.n_tokens != n_base + n_hr:
+            raise ValueError(
+                f"LLaVA-NeXT layout: expected {n_base} + {n_hr} visual tokens, found {ctx.n_tokens}"
+            )
+        br, bc = _row_major(side, side)
+        br, bc = _coarse_to_fine(br, bc, (side, side), (cur_h, cur_w))
+        hr_r, hr_c = _row_major(cur_h, cur_w + 1)
+        sep = hr_c == cur_w
+        hr_r, hr_c = hr_r.copy(), hr_c.copy()
+        hr_r[sep], hr_c[sep] = -1, -1
+        view = np.concatenate([np.zeros(n_base, np.int8), np.where(sep, -1, 1).astype(np.int8)])
+        return TokenLayout(
+            (cur_h, cur_w),
+            np.concatenate([br, hr_r]).astype(np.int32),
+            np.concatenate([bc, hr_c]).astype(np.int32),
+            view,
+            note="llava-next any-res: grid = unpadded crop grid; base view mapped to the cell "
+            "under its centre; row separators have patch -1",
+        )
+
+    def split_vision(self, hidden, inputs, config, n_images):
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        counts = [
+            image_size_to_num_patches(
+                image_size=[int(v) for v in s.tolist()],
+                grid_pinpoints=config.image_grid_pinpoints,
+                patch_size=config.vision_config.image_size,
+            )
+            for s in inputs["image_sizes"]
+        ]
+        if hidden.dim() != 3 or hidden.shape[0] != sum(counts):
+            raise ValueError(f"LLaVA-NeXT: vision output {tuple(hidden.shape)} does not match crops {counts}")
+        return [h.reshape(-1, h.shape[-1]) for h in torch.split(hidden, counts, dim=0)]
+
+    def vision_to_llm(self, ctx, n_vtok):
+        g = self._geometry(ctx)
+        side, n_crops = g["side"], g["n_crops"]
+        per_crop = n_vtok // n_crops
+        offset = per_crop - side * side  # CLS tokens per crop (1 for CLIP "default")
+        if per_crop * n_crops != n_vtok or offset not in (0, 1):
+            return None
+        out = np.full(n_vtok, -1, np.int32)
+        pr, pc = _row_major(side, side)
+        n_base = side * side
+        out[offset:per_crop] = np.arange(n_base)  # crop 0 = base view
+        for k in range(1, n_crops):
+            kr, kc = divmod(k - 1, g["npw"])
+            fr, fc = kr * side + pr - g["r0"], kc * side + pc - g["c0"]
+            ok = (fr >= 0) & (fr < g["cur_h"]) & (fc >= 0) & (fc < g["cur_w"])
+            llm = np.where(ok, n_base + fr * (g["cur_w"] + 1) + fc, -1)
+            out[k * per_crop + offset : (k + 1) * per_crop] = llm
+        return out
+
+
+register_overrides("llava", LlavaOverrides)
+register_overrides("llava_next", LlavaNextOverrides)
