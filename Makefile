@@ -1,11 +1,13 @@
 # Two commands do all the set-up on a fresh machine:
 #   make run    create .venv if missing, then run the default workflow (embedlens-mini)
 #   make test   the same set-up, then the test suite
-# Both are idempotent: the environment is rebuilt only when pyproject.toml changes.
+# Both are idempotent: the environment is rebuilt only when pyproject.toml or the lock changes.
+# Every dependency is installed at the version in $(LOCK); `make lock` refreshes it.
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 STAMP  := $(VENV)/.installed
+LOCK   := envs/lock-py311.txt
 # A CPU wheel of this version is on the project machines; install it *first* so no
 # other package pulls an unpinned torch (several GB of CUDA packages).
 TORCH  ?= torch==2.13.0
@@ -17,14 +19,26 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: env browser run run-slurm test lint dry-run clean-results
+.PHONY: env lock browser run run-slurm test lint dry-run clean-results
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
-	$(VENV)/bin/python -m pip install -q "$(TORCH)"
-	$(VENV)/bin/python -m pip install -q -e ".[test,cluster]"
+	$(VENV)/bin/python -m pip install -q -c $(LOCK) $(TORCH)
+	$(VENV)/bin/python -m pip install -q -c $(LOCK) -e ".[test,cluster]"
 	@touch $(STAMP)
+
+# Re-resolve pyproject.toml in a new, empty venv (torch pinned first, as above) and write
+# the exact versions to $(LOCK). Review the diff, run `make test`, commit both.
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install -q --upgrade pip
+	.lock-venv/bin/python -m pip install -q $(TORCH)
+	.lock-venv/bin/python -m pip install -q -e ".[test,cluster]"
+	{ sed -n '/^#/p' $(LOCK); .lock-venv/bin/python -m pip freeze --exclude-editable | \
+	  grep -v '^embedlens' | sed -E 's/^torch==([0-9.]+)\+[a-z0-9]+$$/torch==\1/'; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK) && rm -rf .lock-venv
+	@echo "$(LOCK) refreshed: git diff $(LOCK)"
 
 env: $(STAMP)
 

@@ -19,6 +19,7 @@ rule extract_hidden:
         batch_size=lambda wc: extraction(wc.model)["batch_size"],
         device=lambda wc: extraction(wc.model)["device"],
         trust=lambda wc: "--trust-remote-code" if MODELS[wc.model]["trust_remote_code"] else "",
+        on_bad_image=config["on_bad_image"],
     resources:
         gpu=lambda wc: uses_gpu(wc.model),
     log:
@@ -29,7 +30,8 @@ rule extract_hidden:
         "embedlens extract --model-dir {params.model_dir:q} --model-name {wildcards.model} "
         "--dataset-dir {input.dataset} --start {params.start} --stop {params.stop} "
         "--settings {params.settings:q} --batch-size {params.batch_size} "
-        "--device {params.device} {params.trust} --out {output} > {log} 2>&1"
+        "--device {params.device} {params.trust} --on-bad-image {params.on_bad_image} "
+        "--out {output} > {log} 2>&1"
 
 
 rule index_hidden:

@@ -65,7 +65,8 @@ def cmd_extract(args) -> int:
                                compute_dtype=s.get("compute_dtype", "float32"),
                                store_dtype=s.get("store_dtype", "float16"),
                                prompt=s.get("prompt", "Describe the image."),
-                               device=args.device, batch_size=args.batch_size)
+                               device=args.device, batch_size=args.batch_size,
+                               on_bad_image=args.on_bad_image)
     out = extract_shard(args.model_dir, args.dataset_dir, args.out, start=args.start,
                         stop=args.stop, settings=settings, model_name=args.model_name,
                         trust_remote_code=args.trust_remote_code,
@@ -75,12 +76,18 @@ def cmd_extract(args) -> int:
 
 
 def cmd_index_hidden(args) -> int:
-    from .store import open_hidden
+    from .store import open_hidden, open_shard
 
     ds = open_hidden(args.shards)
+    # per-shard records that a join of attributes would drop: images left out, fallbacks
+    shards = [open_shard(p) for p in sorted(map(str, args.shards))]
+    skipped = [rec for sh in shards for rec in sh.attrs.get("skipped_images") or []]
+    notes = [note for sh in shards for note in sh.attrs.get("extraction_notes") or []]
     index = {"shards": [str(p) for p in sorted(args.shards)],
              "n_images": int(ds.sizes["image"]), "layers": [int(x) for x in ds["layer"].values],
              "max_tokens": int(ds.sizes["token"]),
+             "n_grid_unknown": int((~ds["grid_known"].values.astype(bool)).sum()) if "grid_known" in ds else 0,
+             "skipped_images": skipped, "extraction_notes": notes,
              "model": ds.attrs.get("model"), "settings_hash": ds.attrs.get("settings_hash")}
     Path(args.out).write_text(json.dumps(index, indent=2))
     print(json.dumps(index, indent=2))
@@ -260,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     s.add_argument("--trust-remote-code", action="store_true")
+    s.add_argument("--on-bad-image", choices=["fail", "skip"], default="fail",
+                   help="an image the model rejects: fail naming it, or skip and list it in the store")
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_extract)

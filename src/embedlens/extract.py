@@ -7,8 +7,9 @@ image range) and cached; every analysis reads the store.
 from __future__ import annotations
 
 import logging
+import math
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,8 @@ from tqdm.auto import tqdm
 
 from .config import settings_hash
 from .datasets import load_dataset
-from .store import ShardWriter, StoreOverflowError, atomic_directory
+from .datasets.images import BadImageError
+from .store import NonFiniteError, ShardWriter, StoreOverflowError, atomic_directory
 
 log = logging.getLogger("embedlens.extract")
 
@@ -37,6 +39,11 @@ class ExtractSettings:
     #: leave out the prompt text after the last visual token where the architecture allows
     #: (``ArchOverrides.truncate_after_image``): same values, less work; off only to compare
     truncate: bool = True
+    #: an image the model's processor or forward rejects: "fail" names it, "skip" leaves it
+    #: out and lists it in the store's ``skipped_images``
+    on_bad_image: str = "fail"
+    #: re-run one image of the first batch alone to prove batching does not change states
+    check_batch: bool = True
 
     def identity(self) -> dict:
         """The settings that define the stored values (batch size and device do not)."""
@@ -69,53 +76,208 @@ def resolve_layers(spec, n_hidden: int) -> list[int]:
 
 
 def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+    """An out-of-memory error of any device (CUDA, MPS, XPU, or the CPU allocator)."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc).lower()
+    return "out of memory" in text or "can't allocate memory" in text
+
+
+def _free_cached_memory(device) -> None:
+    """Return cached blocks to the device after an out-of-memory error (no-op on CPU)."""
+    kind = torch.device(device).type
+    backend = getattr(torch, kind, None)
+    if kind != "cpu" and backend is not None and hasattr(backend, "empty_cache"):
+        backend.empty_cache()
+
+
+class BatchDependenceError(RuntimeError):
+    """An image's states in a batch differ from the same image alone (e.g. a processor that
+    pads the pixel values of a batch to its largest image)."""
+
+    def __init__(self, image_id: str, rel: float, tol: float, batch_size: int):
+        super().__init__(f"image {image_id}: states in a batch of {batch_size} differ from the image "
+                         f"alone by {rel:.3g} (relative; tolerance {tol:.0e})")
+        self.image_id, self.rel, self.tol, self.batch_size = image_id, rel, tol, batch_size
+
+
+def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    scale = float(b.abs().max().clamp_min(1e-12)) if b.numel() else 1.0
+    return float((a - b).abs().max()) / scale if a.numel() else 0.0
+
+
+# Largest relative difference between an image's states in a batch and alone that is float
+# rounding of another kernel, not a batch effect: float32 agrees to ~1e-6 in the tests;
+# half-precision kernels differ by up to ~1e-2. A padding bug changes values at O(1).
+_BATCH_TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-2, torch.bfloat16: 5e-2}
+
+
+def _check_batch_independence(adapter, images, chunk_ids, outputs, settings, llm_layers, vision_layers):
+    """Re-run the image with the fewest visual tokens (the most padded one) alone and compare.
+
+    Raises BatchDependenceError when the batched states differ; returns the check's record.
+    """
+    k = min(range(len(outputs)), key=lambda j: (outputs[j].n_tokens, -j))
+    alone = adapter.forward_hidden(adapter.prepare([images[k]], settings.prompt), llm_layers, vision_layers)[0]
+    tol = _BATCH_TOLERANCE.get(adapter.dtype, 5e-2)
+    if alone.n_tokens != outputs[k].n_tokens:
+        raise BatchDependenceError(chunk_ids[k], float("inf"), tol, len(images))
+    rel = _rel_diff(outputs[k].llm, alone.llm)
+    if outputs[k].vision is not None and alone.vision is not None:
+        if outputs[k].vision.shape != alone.vision.shape:
+            raise BatchDependenceError(chunk_ids[k], float("inf"), tol, len(images))
+        rel = max(rel, _rel_diff(outputs[k].vision, alone.vision))
+    if math.isnan(rel):
+        return None  # non-finite states: the writer names them (NonFiniteError), not a batch effect
+    if not rel <= tol:
+        raise BatchDependenceError(chunk_ids[k], rel, tol, len(images))
+    return {"image_id": chunk_ids[k], "batch_size": len(images), "max_rel_diff": rel, "tolerance": tol}
+
+
+class _Run:
+    """What one pass over a shard records beside the states (goes into the store's attrs)."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+        self.backoffs: list[str] = []
+        self.skipped: list[dict] = []
+        self.batch_check: dict | None = None
+
+
+def _describe_image(dataset, i: int) -> str:
+    meta = dataset.images[i]
+    return f"image {meta['image_id']!r} ({dataset.path / meta['file']})"
+
+
+def _forward(adapter, images, settings, llm_layers, vision_layers):
+    return adapter.forward_hidden(adapter.prepare(images, settings.prompt), llm_layers, vision_layers)
+
+
+def _forward_one_by_one(adapter, dataset, chunk, images, settings, llm_layers, vision_layers, run, batch_exc):
+    """After a batch failed with `batch_exc`: each image alone, to name the image at fault.
+
+    Returns one output per image (None for an image skipped under on_bad_image: skip). When
+    every image of a batch fails alike, the fault is not an image's: the error is re-raised
+    as it is, with its own message.
+    """
+    outputs, failures = [], []
+    for i, image in zip(chunk, images):
+        try:
+            outputs.append(_forward(adapter, [image], settings, llm_layers, vision_layers)[0])
+        except Exception as exc:  # noqa: BLE001 - named, then re-raised or recorded
+            if _is_oom(exc):
+                raise RuntimeError(
+                    f"out of memory on {adapter.device} with a single image ({_describe_image(dataset, i)}): "
+                    "use a smaller compute_dtype (bfloat16/float16), fewer extraction.layers, or a "
+                    "larger device") from exc
+            failures.append((i, exc))
+            outputs.append(None)
+    if len(chunk) > 1 and len(failures) == len(chunk) and len({(type(e), str(e)) for _, e in failures}) == 1:
+        raise failures[0][1]
+    for i, exc in failures:
+        reason = f"{type(exc).__name__}: {exc}"
+        if settings.on_bad_image != "skip":
+            raise BadImageError(
+                str(dataset.path / dataset.images[i]["file"]),
+                f"the model's processor or forward pass rejects this image ({reason}); "
+                "set on_bad_image: skip to leave such images out") from exc
+        log.warning("skipping %s: %s", _describe_image(dataset, i), reason)
+        run.skipped.append({"image_id": dataset.images[i]["image_id"],
+                            "file": dataset.images[i]["file"], "reason": reason})
+    if not failures and len(chunk) > 1:
+        # Every image works alone: the batch itself was the problem (e.g. a processor that
+        # cannot batch these sizes). Go on one image at a time.
+        log.warning("a batch of %d failed (%s: %s) but each image works alone: batch size 1 from now on",
+                    len(chunk), type(batch_exc).__name__, batch_exc)
+        run.backoffs.append(f"batch of {len(chunk)} failed ({type(batch_exc).__name__}), images alone work: 1")
+        run.batch_size = 1
+    return outputs
 
 
 def _run_batches(adapter, dataset, indices, llm_layers, vision_layers, settings, writer,
-                 progress: bool) -> int:
-    """Forward images in batches; halve the batch on CUDA OOM. Returns the final batch size."""
-    batch_size = settings.batch_size
+                 progress: bool, check_batch: bool) -> _Run:
+    """Forward images in batches and write them in order.
+
+    Out of memory (any device) halves the batch size and retries; any other error is
+    attributed to an image by re-running the batch one image at a time: that image is
+    named (fail) or skipped and recorded (skip). On the first batch of more than one image,
+    one image is re-run alone to prove the batch does not change its states
+    (BatchDependenceError otherwise).
+    """
+    run = _Run(settings.batch_size)
     pos = 0
     bar = tqdm(total=len(indices), desc="extract", unit="img", disable=not progress)
     while pos < len(indices):
-        chunk = indices[pos: pos + batch_size]
+        chunk = indices[pos: pos + run.batch_size]
         images = [dataset.image(i) for i in chunk]
         try:
-            batch = adapter.prepare(images, settings.prompt)
-            outputs = adapter.forward_hidden(batch, llm_layers, vision_layers)
-        except Exception as exc:  # noqa: BLE001 - only OOM is handled, everything else re-raised
-            if adapter.device.startswith("cuda") and _is_oom(exc) and batch_size > 1:
-                batch_size //= 2
-                torch.cuda.empty_cache()
-                log.warning("CUDA out of memory: batch size halved to %d", batch_size)
+            outputs = _forward(adapter, images, settings, llm_layers, vision_layers)
+        except Exception as exc:  # noqa: BLE001 - OOM backs off; anything else is attributed
+            if _is_oom(exc) and run.batch_size > 1:
+                run.batch_size //= 2
+                _free_cached_memory(adapter.device)
+                run.backoffs.append(f"out of memory at batch {len(chunk)}: {run.batch_size}")
+                log.warning("out of memory on %s with a batch of %d: batch size halved to %d",
+                            adapter.device, len(chunk), run.batch_size)
                 continue
-            raise
-        for offset, (i, hid) in enumerate(zip(chunk, outputs)):
+            if len(chunk) == 1 and _is_oom(exc):
+                raise
+            outputs = _forward_one_by_one(adapter, dataset, chunk, images, settings, llm_layers,
+                                          vision_layers, run, exc)
+        ids = [dataset.images[i]["image_id"] for i in chunk]
+        if check_batch and run.batch_check is None and len(chunk) > 1 and all(o is not None for o in outputs):
+            run.batch_check = _check_batch_independence(adapter, images, ids, outputs, settings,
+                                                        llm_layers, vision_layers)
+        for image_id, hid in zip(ids, outputs):
+            if hid is None:
+                continue
             vision = None if hid.vision is None else hid.vision.float().cpu().numpy()
-            writer.write(pos + offset, dataset.images[i]["image_id"],
-                         hid.llm.float().cpu().numpy(), vision,
-                         np.asarray(hid.patch_row), np.asarray(hid.patch_col), tuple(hid.grid),
-                         vision_to_llm=None if hid.vision is None else np.asarray(hid.vision_to_llm))
+            writer.append(image_id, hid.llm.float().cpu().numpy(), vision,
+                          np.asarray(hid.patch_row), np.asarray(hid.patch_col), tuple(hid.grid),
+                          vision_to_llm=None if hid.vision is None else np.asarray(hid.vision_to_llm),
+                          grid_known=hid.grid_known, layout_note=hid.layout_note)
         pos += len(chunk)
         bar.update(len(chunk))
     bar.close()
-    return batch_size
+    if writer.n_written == 0:
+        raise RuntimeError(f"no image of {dataset.path} [{indices[0]}, {indices[-1] + 1}) could be "
+                           f"extracted (first reason: {run.skipped[0]['reason']}): this is not a bad "
+                           "image but a model/processor problem")
+    return run
+
+
+def _fallback_dtype(device) -> str:
+    """The dtype to retry in after float16 overflowed: bfloat16 (float32's range) where the
+    device computes it natively, else float32 (bf16 on a CPU without AVX-512 is 7-75x slower)."""
+    kind = torch.device(device).type
+    if kind == "cuda" and torch.cuda.is_bf16_supported():
+        return "bfloat16"
+    return "float32"
 
 
 def extract_shard(model_dir: str | Path, dataset_dir: str | Path, out: str | Path, *,
                   start: int, stop: int, settings: ExtractSettings, model_name: str,
                   trust_remote_code: bool = False, revision: str | None = None,
                   progress: bool = True) -> Path:
-    """Extract images [start, stop) of a materialized data set into the shard store ``out``."""
+    """Extract images [start, stop) of a materialized data set into the shard store ``out``.
+
+    Raises BadImageError naming an image the model rejects (unless ``settings.on_bad_image``
+    is "skip": then it is left out and listed in the store's ``skipped_images``),
+    NonFiniteError naming image and layers when states are NaN/inf in float32/bfloat16
+    (float16 compute falls back to a wider dtype first), ValueError for an empty range.
+    """
     from .models.adapter import VLMAdapter  # heavy import, only when extracting
 
     dataset = load_dataset(dataset_dir)
     stop = min(stop, len(dataset.images))
     if start >= stop:
         raise ValueError(f"empty image range [{start}, {stop}) for data set {dataset_dir}")
+    if settings.on_bad_image not in ("fail", "skip"):
+        raise ValueError(f"on_bad_image must be 'fail' or 'skip', got {settings.on_bad_image!r}")
     device = resolve_device(settings.device)
-    adapter = VLMAdapter.load(str(model_dir), dtype=settings.compute_dtype, device=device,
+    compute_dtype = settings.compute_dtype
+    adapter = VLMAdapter.load(str(model_dir), dtype=compute_dtype, device=device,
                               trust_remote_code=trust_remote_code)
     adapter.truncate = settings.truncate
     llm_layers = resolve_layers(settings.layers, adapter.num_layers + 1)
@@ -141,15 +303,24 @@ def extract_shard(model_dir: str | Path, dataset_dir: str | Path, out: str | Pat
         "final_norm_applied_to_last_layer": bool(adapter.final_norm_applied_to_last_layer),
     }
     store_dtype = settings.store_dtype
+    check_batch = settings.check_batch
+    notes: list[str] = []
     while True:
         try:
             with atomic_directory(out) as tmp:
                 writer = ShardWriter(tmp, n_images=len(indices), layers=llm_layers,
                                      vision_layers=vision_layers, dtype=store_dtype,
                                      attrs={**attrs, "store_dtype_requested": settings.store_dtype})
-                used = _run_batches(adapter, dataset, indices, llm_layers, vision_layers,
-                                    settings, writer, progress)
-                writer.attrs["final_batch_size"] = used
+                run = _run_batches(adapter, dataset, indices, llm_layers, vision_layers,
+                                   settings, writer, progress, check_batch)
+                writer.attrs.update({
+                    "final_batch_size": run.batch_size,
+                    "batch_backoffs": run.backoffs,
+                    "batch_check": run.batch_check,
+                    "skipped_images": run.skipped,
+                    "compute_dtype_used": compute_dtype,
+                    "extraction_notes": notes,
+                })
                 writer.close()
             return Path(out)
         except StoreOverflowError as exc:
@@ -157,7 +328,27 @@ def extract_shard(model_dir: str | Path, dataset_dir: str | Path, out: str | Pat
                 raise
             # Massive activations exist in real MLLMs; keep them exact rather than inf.
             log.warning("%s; storing this shard in float32 instead", exc)
+            notes.append(f"stored in float32: {exc}")
             store_dtype = "float32"
+        except NonFiniteError as exc:
+            if compute_dtype != "float16":
+                raise NonFiniteError(exc.image_id, exc.layers, exc.vision_layers,
+                                     f"computed in {compute_dtype} on {device}, so this is not a float16 "
+                                     "overflow: check the model's weights for NaN/inf, or try another "
+                                     "attention implementation; nothing was stored") from exc
+            # float16's range (65504) is exceeded inside the model; redo the shard in a dtype
+            # with float32's range rather than store or drop anything.
+            compute_dtype = _fallback_dtype(device)
+            log.warning("%s in float16; recomputing this shard in %s", exc, compute_dtype)
+            notes.append(f"float16 gave non-finite states ({exc}); recomputed in {compute_dtype}")
+            adapter = VLMAdapter.load(str(model_dir), dtype=compute_dtype, device=device,
+                                      trust_remote_code=trust_remote_code)
+            adapter.truncate = settings.truncate
+        except BatchDependenceError as exc:
+            log.warning("%s; extracting this shard one image at a time", exc)
+            notes.append(f"batch dependence detected ({exc}); extracted with batch size 1")
+            settings = replace(settings, batch_size=1)
+            check_batch = False
 
 
 def shard_ranges(n_images: int, shard_size: int) -> list[tuple[int, int]]:

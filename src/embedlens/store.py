@@ -36,6 +36,26 @@ class StoreOverflowError(RuntimeError):
     """Values too large for float16 (massive activations); the caller retries in float32."""
 
 
+class NonFiniteError(RuntimeError):
+    """NaN or inf in the states of an image: never stored. Names the image and the layers."""
+
+    def __init__(self, image_id: str, layers: Sequence[int], vision_layers: Sequence[int], detail: str = ""):
+        where = []
+        if len(layers):
+            where.append(f"LLM layers {list(layers)}")
+        if len(vision_layers):
+            where.append(f"vision layers {list(vision_layers)}")
+        self.image_id, self.layers, self.vision_layers, self.detail = image_id, list(layers), list(vision_layers), detail
+        super().__init__(f"non-finite (NaN/inf) hidden states for image {image_id} at {' and '.join(where)}"
+                         + (f": {detail}" if detail else ""))
+
+
+def _non_finite_layers(values: np.ndarray, names: Sequence[int]) -> list[int]:
+    """Entries of `names` (one per leading slice of `values`) whose slice is not all finite."""
+    bad = ~np.isfinite(values).reshape(values.shape[0], -1).all(axis=1)
+    return [int(n) for n, b in zip(names, bad) if b]
+
+
 class ShardWriter:
     """Write one shard of hidden states image by image.
 
@@ -61,6 +81,10 @@ class ShardWriter:
         self.patch_col: list[np.ndarray] = [None] * n_images
         self.image_ids: list[str] = [None] * n_images
         self.vision_to_llm: list[np.ndarray | None] = [None] * n_images
+        self.grid_known = np.ones(n_images, dtype=bool)
+        self.layout_note: list[str] = [""] * n_images
+        #: images written so far by `append` (the next free slot)
+        self.n_written = 0
 
     def _create(self, name, dims, shape, chunks):
         return self.root.create_array(
@@ -79,14 +103,28 @@ class ShardWriter:
             arr.resize((self.n_images, n_layers, n_tok, width))
         return arr
 
+    def append(self, image_id: str, llm: np.ndarray, vision: np.ndarray | None, patch_row: np.ndarray,
+               patch_col: np.ndarray, grid: tuple[int, int], **kw) -> None:
+        """`write` into the next free slot; `close` drops the slots never written (skipped images)."""
+        self.write(self.n_written, image_id, llm, vision, patch_row, patch_col, grid, **kw)
+
     def write(self, index: int, image_id: str, llm: np.ndarray, vision: np.ndarray | None,
               patch_row: np.ndarray, patch_col: np.ndarray, grid: tuple[int, int],
-              vision_to_llm: np.ndarray | None = None) -> None:
+              vision_to_llm: np.ndarray | None = None, grid_known: bool = True,
+              layout_note: str = "") -> None:
         """Store one image: ``llm`` (layer, token, dim), ``vision`` (vlayer, vtoken, vdim).
 
         ``vision_to_llm[j]`` = the LLM visual token that vision token j feeds (-1: none),
         so analyses can relate vision-encoder norms to LLM tokens on any architecture.
+        ``grid_known`` False: the architecture's patch grid is unknown for this image (grid
+        (0, 0), patches -1); ``layout_note`` says why or how tokens were placed.
+        Raises NonFiniteError (NaN/inf, naming the layers) and StoreOverflowError (finite
+        but beyond float16 when storing float16).
         """
+        bad = _non_finite_layers(llm, self.layers)
+        vbad = _non_finite_layers(vision, self.vision_layers) if vision is not None else []
+        if bad or vbad:
+            raise NonFiniteError(image_id, bad, vbad)
         if self.dtype == np.float16 and np.abs(llm).max(initial=0) > FLOAT16_MAX:
             raise StoreOverflowError(
                 f"hidden states of image {image_id} exceed the float16 range "
@@ -110,6 +148,22 @@ class ShardWriter:
         self.patch_row[index] = np.asarray(patch_row, dtype=np.int32)
         self.patch_col[index] = np.asarray(patch_col, dtype=np.int32)
         self.image_ids[index] = image_id
+        self.grid_known[index] = bool(grid_known)
+        self.layout_note[index] = str(layout_note)
+        self.n_written = max(self.n_written, index + 1)
+
+    def _trim(self, n: int) -> None:
+        """Keep the first `n` image slots (the images actually written)."""
+        if n == 0:
+            raise RuntimeError("shard incomplete: no image written")
+        for arr in (self.llm, self.vision):
+            if arr is not None:
+                arr.resize((n, *arr.shape[1:]))
+        self.n_images = n
+        for name in ("n_tokens", "n_vision_tokens", "grid", "grid_known"):
+            setattr(self, name, getattr(self, name)[:n])
+        for name in ("patch_row", "patch_col", "image_ids", "vision_to_llm", "layout_note"):
+            setattr(self, name, getattr(self, name)[:n])
 
     def _coord(self, name, dims, values, fill=None):
         values = np.asarray(values)
@@ -122,7 +176,10 @@ class ShardWriter:
         return arr
 
     def close(self) -> None:
-        """Write coordinates and attributes; call only after every image is written."""
+        """Write coordinates and attributes; call only after every image is written (or, with
+        `append`, after the last one: unwritten trailing slots are dropped)."""
+        if self.n_written < self.n_images and all(v is None for v in self.image_ids[self.n_written:]):
+            self._trim(self.n_written)
         missing = [i for i, v in enumerate(self.image_ids) if v is None]
         if missing:
             raise RuntimeError(f"shard incomplete: images {missing[:5]} not written")
@@ -142,6 +199,8 @@ class ShardWriter:
         self._coord("n_tokens", ["image"], self.n_tokens)
         self._coord("grid_rows", ["image"], self.grid[:, 0])
         self._coord("grid_cols", ["image"], self.grid[:, 1])
+        self._coord("grid_known", ["image"], self.grid_known)
+        self._coord("layout_note", ["image"], np.array(self.layout_note, dtype=object))
         if self.vision is not None:
             self._coord("vision_layer", ["vision_layer"], np.array(self.vision_layers, dtype=np.int32))
             self._coord("vision_token", ["vision_token"],
@@ -153,7 +212,7 @@ class ShardWriter:
                     v2l[i, : len(m)] = m
             self._coord("vision_to_llm", ["image", "vision_token"], v2l, -1)
         coords = ["image_id", "layer", "token", "patch_row", "patch_col", "token_valid",
-                  "n_tokens", "grid_rows", "grid_cols"]
+                  "n_tokens", "grid_rows", "grid_cols", "grid_known", "layout_note"]
         if self.vision is not None:
             coords += ["vision_layer", "vision_token", "n_vision_tokens", "vision_to_llm"]
         for name in ("llm_hidden", "vision_hidden"):
