@@ -13,6 +13,31 @@ except ConfigError as exc:
     raise WorkflowError(str(exc)) from None
 
 CFG = normalize(config)
+
+
+def _export_overrides_modules():
+    """Every job imports the user's architecture overrides (EMBEDLENS_OVERRIDES, read by
+    embedlens.models.overrides); checked here, without importing torch, before any job."""
+    import importlib.util
+    import os
+
+    entries = []
+    for i, name in enumerate(CFG["overrides_modules"]):
+        if name.endswith(".py"):
+            path = Path(name).resolve()
+            if not path.is_file():
+                raise WorkflowError(f"config.yaml: overrides_modules[{i}]: no such file {name!r}")
+            entries.append(str(path))
+        elif importlib.util.find_spec(name) is None:
+            raise WorkflowError(f"config.yaml: overrides_modules[{i}]: no module named {name!r} "
+                                "(give an importable module or a .py file)")
+        else:
+            entries.append(name)
+    if entries:
+        os.environ["EMBEDLENS_OVERRIDES"] = os.pathsep.join(entries)
+
+
+_export_overrides_modules()
 MODELS = CFG["models"]
 DATASETS = CFG["datasets"]
 BUILTIN_MODEL_DIR = "resources/models/{name}"

@@ -12,3 +12,23 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(1)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """`tiny_model(arch)`: the tiny random `arch` model (seed 0), built once per session and
+    shared by every test module that asks for it."""
+    from embedlens.testing import build_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    built = {}
+
+    def get(arch: str):
+        if arch not in built:
+            built[arch] = build_tiny_model(arch, root / arch, seed=0)
+        return built[arch]
+
+    return get

@@ -9,7 +9,7 @@ import torch
 from embedlens.datasets import load_dataset, materialize
 from embedlens.extract import ExtractSettings, extract_shard, resolve_layers, shard_ranges
 from embedlens.store import open_shard
-from embedlens.testing.tiny import build_tiny_model
+from embedlens.testing.tiny import TINY_ARCHS, build_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +77,48 @@ def test_resolve_layers_and_shards():
     with pytest.raises(ValueError, match="out of range"):
         resolve_layers([7], 4)
     assert shard_ranges(10, 4) == [(0, 4), (4, 8), (8, 10)]
+
+
+@pytest.fixture(scope="module")
+def mixed_sizes(tmp_path_factory):
+    """Four images of different sizes and aspect ratios (different crops, tiles, grids)."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("mixed")
+    (root / "imgs").mkdir()
+    rng = np.random.default_rng(3)
+    for k, (w, h) in enumerate([(32, 32), (48, 32), (32, 20), (24, 40)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / "imgs" / f"im{k}.png")
+    return materialize("mixed", {"source": "folder", "path": str(root / "imgs")}, root / "ds")
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_every_architecture_extracts_with_default_settings(arch, tiny_model, mixed_sizes, tmp_path):
+    """`embedlens extract` defaults (all layers, vision layer -1, batch of 4 mixed sizes): the
+    store is complete, passed the batch self-check, records the grid or its absence per
+    image, and holds the adapter's states for each image alone."""
+    from embedlens.models.adapter import VLMAdapter
+
+    model = tiny_model(arch)
+    settings = ExtractSettings(batch_size=4, store_dtype="float32", device="cpu")
+    ds = open_shard(extract_shard(model, mixed_sizes, tmp_path / "h.zarr", start=0, stop=4,
+                                  settings=settings, model_name=arch, progress=False))
+    assert ds.sizes["image"] == 4 and ds.attrs["final_batch_size"] == 4
+    assert ds.attrs["batch_check"]["max_rel_diff"] <= ds.attrs["batch_check"]["tolerance"]
+    assert list(ds.vision_layer.values) == [-1]
+    adapter = VLMAdapter.load(str(model))
+    data = load_dataset(mixed_sizes)
+    for i in range(4):
+        (alone,) = adapter.forward_hidden(adapter.prepare([data.image(i)], settings.prompt), None, [-1])
+        n = alone.n_tokens
+        assert int(ds.n_tokens.values[i]) == n and bool(ds.grid_known.values[i]) == alone.grid_known
+        assert (int(ds.grid_rows.values[i]), int(ds.grid_cols.values[i])) == alone.grid
+        stored = ds.llm_hidden.isel(image=i).values[:, :n]
+        rel = np.abs(stored - alone.llm.numpy()).max() / np.abs(alone.llm.numpy()).max()
+        assert rel <= 1e-4, f"{arch} image {i}: stored vs alone differ by {rel:.2e}"
+        nv = int(ds.n_vision_tokens.values[i])
+        assert nv == alone.vision.shape[1]
+        np.testing.assert_allclose(ds.vision_hidden.isel(image=i).values[:, :nv], alone.vision.numpy(),
+                                   rtol=0, atol=1e-4 * float(alone.vision.abs().max()))
+        if not alone.grid_known:
+            assert (ds.patch_row.values[i, :n] == -1).all() and ds.layout_note.values[i]

@@ -213,3 +213,30 @@ def test_register_overrides_rejects_non_overrides():
 
     with pytest.raises(TypeError, match="expected an ArchOverrides"):
         register_overrides("mine", dict)
+
+
+def test_overrides_module_from_the_environment(llava, shapes, tmp_path, monkeypatch):
+    """config.yaml's overrides_modules reach every job as $EMBEDLENS_OVERRIDES: a .py file
+    registering an architecture is imported before the model is loaded; a broken one is
+    named."""
+    from embedlens.models.overrides import get_overrides, load_user_overrides, register_overrides
+
+    plugin = tmp_path / "my_overrides.py"
+    plugin.write_text(
+        "from embedlens.models import register_overrides, unknown_layout\n"
+        "from embedlens.models.overrides.llava import LlavaOverrides\n"
+        "class Mine(LlavaOverrides):\n"
+        "    def layout(self, ctx):\n"
+        "        return unknown_layout(ctx.n_tokens, note='from my_overrides.py')\n"
+        "register_overrides('llava', Mine)\n")
+    original = get_overrides("llava")
+    monkeypatch.setenv("EMBEDLENS_OVERRIDES", str(plugin))
+    try:
+        ds = _extract(llava, shapes, tmp_path / "h.zarr", batch_size=2, n=2)
+    finally:
+        register_overrides("llava", original)
+    assert set(ds.layout_note.values) == {"from my_overrides.py"}
+    broken = tmp_path / "broken.py"
+    broken.write_text("raise RuntimeError('typo in my plugin')\n")
+    with pytest.raises(ImportError, match=r"broken\.py.*typo in my plugin"):
+        load_user_overrides(str(broken))

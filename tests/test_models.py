@@ -17,7 +17,7 @@ from embedlens.models.resolve import (
     RemoteCodeError,
     resolve_model,
 )
-from embedlens.testing import TINY_ARCHS, build_tiny_model
+from embedlens.testing import TINY_ARCHS, TINY_SKIPPED, build_tiny_model
 
 # transformers' PaliGemma processor trips a numpy 2 deprecation inside its own code
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -30,8 +30,21 @@ MIXED = {
     "qwen2_vl": [(32, 32), (48, 32), (32, 20), (24, 40)],  # dynamic resolution
     "qwen2_5_vl": [(32, 32), (48, 32), (32, 20), (24, 40)],
     "idefics3": [(32, 32), (32, 12), (12, 32), (16, 16)],  # 2x2, 1x2, 2x1 tiles; 16 px is upscaled to 2x2
+    "qwen3_vl": [(32, 32), (48, 32), (32, 20), (24, 40)],  # dynamic resolution: 16, 24, 8, 15 tokens
+    "glm4v": [(32, 32), (48, 32), (32, 20), (24, 40)],  # dynamic resolution: 16, 24, 8, 15 tokens
+    # any-res: 3x3 crops (12x12 tokens), 1x2 (unpadded 6x12), 2x1 (12x6), 1x2 (4x8): 172, 94, 100, 52 tokens
+    "llava_onevision": [(48, 48), (48, 24), (20, 40), (32, 16)],
+    # tiles + thumbnail: 2x2, 1x3, 2x1 tiles and a single tile (no thumbnail): 20, 16, 12, 4 tokens
+    "aya_vision": [(32, 32), (48, 16), (20, 40), (16, 16)],
+    "internvl": [(32, 32), (48, 16), (20, 40), (16, 16)],
+    # Pixtral: each image at its own size, 48 px at most: 6x6, 6x3, 3x6, 3x3 merged patches
+    "mistral3": [(48, 48), (48, 24), (24, 48), (24, 24)],
+    "smolvlm": [(32, 32), (32, 12), (12, 32), (16, 16)],  # as idefics3
 }
 PROMPT = "Describe the image."
+# Architectures whose tiny model cannot be built on this machine appear as skipped tests that
+# say why (instead of silently not at all).
+ARCHS = [*TINY_ARCHS, *(pytest.param(a, marks=pytest.mark.skip(reason=f"{a}: {why}")) for a, why in TINY_SKIPPED.items())]
 
 
 def _images(sizes, seed=0):
@@ -64,7 +77,7 @@ def _sizes(arch):
 # --------------------------------------------------------------------------- adapter
 
 
-@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize("arch", ARCHS)
 def test_visual_positions_and_direct_call(adapters, arch):
     """Visual positions are exactly the image-token positions, their count is what the
     processor produced, and the returned states equal a direct HF forward at those positions."""
@@ -88,7 +101,7 @@ def test_visual_positions_and_direct_call(adapters, arch):
             torch.testing.assert_close(img.llm[layer], ref[layer][i, expected_pos], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize("arch", ARCHS)
 def test_truncation_after_the_last_image_token(adapters, arch):
     """Where the architecture allows it, the text after the last visual token is left out of
     the forward pass and the visual states stay the same; where it does not (prefix-LM), the
@@ -127,7 +140,7 @@ def test_truncation_after_the_last_image_token(adapters, arch):
         assert not torch.allclose(hs[-1][0, pos], full[0].llm[-1], rtol=1e-3, atol=1e-4)
 
 
-@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize("arch", ARCHS)
 def test_batch_size_invariance(adapters, arch):
     """Batch of 4 (right-padded where sizes differ) vs one image at a time, float32 CPU."""
     ad = adapters[arch]
@@ -143,7 +156,7 @@ def test_batch_size_invariance(adapters, arch):
             _assert_rel_close(together[i].vision, alone.vision, what=f"{arch} image {i} vision")
 
 
-@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize("arch", ARCHS)
 def test_layout_and_vision_shapes(adapters, arch):
     ad = adapters[arch]
     images = _images(_sizes(arch), seed=2)
@@ -256,7 +269,7 @@ def test_prenorm_last_and_lens_parts(adapters):
     assert logits.shape == (64, ad.vocab_size)
 
 
-@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize("arch", ARCHS)
 def test_vocabulary_and_describe(adapters, arch):
     ad = adapters[arch]
     E = ad.embedding_matrix()

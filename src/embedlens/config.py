@@ -21,6 +21,7 @@ import yaml
 # tests/test_config.py checks that every default key exists in the schema.
 DEFAULTS: dict[str, Any] = {
     "on_bad_image": "fail",
+    "overrides_modules": [],
     "extraction": {
         "layers": "all",
         "vision_layers": [-1],

@@ -282,6 +282,9 @@ def extract_shard(model_dir: str | Path, dataset_dir: str | Path, out: str | Pat
     adapter.truncate = settings.truncate
     llm_layers = resolve_layers(settings.layers, adapter.num_layers + 1)
     vision_layers = list(settings.vision_layers)
+    # Before any work: an architecture without a findable vision tower / layer list fails
+    # here (UnsupportedModelError naming the class), and vision indices are range-checked.
+    adapter.resolve_vision_layers(vision_layers)
     indices = list(range(start, stop))
     attrs = {
         "model": model_name,

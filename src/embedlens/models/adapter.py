@@ -44,6 +44,11 @@ _DTYPES = {
 _VISION_ATTRS = ("vision_tower", "vision_model", "visual", "vision_encoder", "vision_backbone", "vision")
 
 
+class UnsupportedModelError(ValueError):
+    """The generic adapter cannot handle this model: names the class and what is missing
+    (decoder layer list, image token id, vision tower). Raised at load, before any work."""
+
+
 @dataclass
 class ImageHidden:
     """Hidden states of one image's visual tokens.
@@ -200,6 +205,20 @@ def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}") from None
 
 
+def _image_hw(image) -> tuple[int, int] | None:
+    """(height, width) of a PIL image or an image array (channel axis inferred as transformers'
+    image processors do), or None when it cannot be told."""
+    if hasattr(image, "height") and hasattr(image, "width"):
+        return int(image.height), int(image.width)
+    try:
+        from transformers.image_utils import get_image_size
+
+        h, w = get_image_size(np.asarray(image))
+        return int(h), int(w)
+    except Exception:  # noqa: BLE001 - an unknown size only makes the tiled grid unknown
+        return None
+
+
 _PER_TOKEN_KEYS = ("input_ids", "attention_mask")
 
 
@@ -272,19 +291,25 @@ class VLMAdapter:
         token = getattr(self.processor, "image_token", None)
         if token:
             return int(self.tokenizer.convert_tokens_to_ids(token))
-        raise ValueError(
+        raise UnsupportedModelError(
             f"{type(self.model).__name__}: cannot find the image token id (config keys image_token_id / "
             "image_token_index, or the processor's image_token)"
         )
 
     def _find_decoder(self):
         dec = self.model.get_decoder() if hasattr(self.model, "get_decoder") else None
+        if dec is not None and not hasattr(dec, "layers") and hasattr(getattr(dec, "model", None), "layers"):
+            # the language model kept whole as a *ForCausalLM (Llama 4): its get_decoder() is
+            # itself; the layer list is one level down, in its base model
+            dec = dec.model
         if dec is None or not hasattr(dec, "layers"):
             for name in ("language_model", "text_model"):
                 sub = getattr(getattr(self.model, "model", self.model), name, None)
                 if sub is not None and hasattr(sub, "layers"):
                     return sub
-            raise ValueError(f"{type(self.model).__name__}: cannot find the decoder's layer list")
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__} ({self.model_type}): cannot find the decoder's layer list "
+                "(no get_decoder().layers, language_model.layers or text_model.layers)")
         return dec
 
     # ------------------------------------------------------------------ properties
@@ -433,7 +458,10 @@ class VLMAdapter:
             pos = torch.nonzero(visual[i]).flatten().numpy()
             if len(pos) == 0:
                 raise ValueError(f"image {i}: the processor produced no image tokens (id {self.image_token_id})")
-            ctx = ImageContext(self.config, self.processor, inputs, i, ids[i].numpy(), pos)
+            # the original (height, width): tiling processors (InternVL, Aya Vision) choose the
+            # tile arrangement from it and do not return it, so the overrides redo that choice
+            ctx = ImageContext(self.config, self.processor, inputs, i, ids[i].numpy(), pos,
+                               extra={"image_size": _image_hw(images[i])})
             layout = self.overrides.layout(ctx)
             if len(layout.patch_row) != len(pos):
                 raise ValueError(f"image {i}: layout covers {len(layout.patch_row)} tokens, found {len(pos)}")
@@ -450,7 +478,9 @@ class VLMAdapter:
                 sub = getattr(root, name, None) if root is not None else None
                 if isinstance(sub, torch.nn.Module):
                     return sub
-        raise ValueError(f"{type(self.model).__name__}: cannot find the vision encoder")
+        raise UnsupportedModelError(
+            f"{type(self.model).__name__} ({self.model_type}): cannot find the vision encoder (looked for "
+            f"{', '.join(_VISION_ATTRS)}); set extraction.vision_layers: [] to store LLM states only")
 
     def _vision_layers(self) -> torch.nn.ModuleList:
         if self._vision_layers_list is None:
@@ -463,7 +493,9 @@ class VLMAdapter:
             exact = [m for m in candidates if want is not None and len(m) == want]
             pool = exact or candidates
             if not pool:
-                raise ValueError(f"{type(tower).__name__}: cannot find the vision encoder's layer list")
+                raise UnsupportedModelError(
+                    f"{type(tower).__name__}: cannot find the vision encoder's layer list; set "
+                    "extraction.vision_layers: [] to store LLM states only")
             self._vision_layers_list = max(pool, key=len)
         return self._vision_layers_list
 
@@ -503,7 +535,10 @@ class VLMAdapter:
             if 0 in vision_idx:
 
                 def pre(module, args, kwargs):
-                    h = args[0] if args else kwargs.get("hidden_states")
+                    if args:
+                        h = args[0]
+                    else:  # by keyword, under the layer's own name for it (Llama 4: hidden_state)
+                        h = kwargs[next(iter(inspect.signature(module.forward).parameters))]
                     store["vision"].setdefault(0, []).append(h.detach())
 
                 handles.append(layers[0].register_forward_pre_hook(pre, with_kwargs=True))

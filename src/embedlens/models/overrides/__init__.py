@@ -16,7 +16,10 @@ from .base import (  # noqa: F401 - the public API
     TokenLayout,
     get_overrides,
     known_architectures,
+    load_user_overrides,
     register_overrides,
     unknown_layout,
 )
 from . import gemma, idefics, llava, qwen  # noqa: F401,E402 - each registers its architectures
+from . import aya_vision, internvl, mistral3  # noqa: F401,E402 - LLaVA-style families (tiles, Pixtral)
+from . import glm4v  # noqa: F401,E402 - GLM-4V (after qwen: it extends the Qwen2-VL overrides)

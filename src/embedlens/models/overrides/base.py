@@ -185,8 +185,50 @@ def register_overrides(model_type: str, overrides: "type[ArchOverrides] | ArchOv
     _REGISTRY[model_type] = inst
 
 
+#: environment variable naming user modules that register overrides (``os.pathsep``-separated
+#: module names or .py paths); the workflow sets it from config.yaml's ``overrides_modules``
+OVERRIDES_ENV = "EMBEDLENS_OVERRIDES"
+_loaded_user_modules: set[str] = set()
+
+
+def load_user_overrides(entries: "str | list[str] | None" = None) -> None:
+    """Import the modules that register user overrides (default: from $EMBEDLENS_OVERRIDES).
+
+    Each entry is an importable module name or a path to a .py file; each is imported once.
+    Raises ImportError naming the entry when it cannot be imported.
+    """
+    import importlib
+    import importlib.util
+    import os
+    from pathlib import Path
+
+    if entries is None:
+        entries = [e for e in os.environ.get(OVERRIDES_ENV, "").split(os.pathsep) if e]
+    elif isinstance(entries, str):
+        entries = [entries]
+    for entry in entries:
+        if entry in _loaded_user_modules:
+            continue
+        try:
+            if entry.endswith(".py"):
+                path = Path(entry)
+                spec = importlib.util.spec_from_file_location(f"embedlens_user_overrides_{path.stem}", path)
+                if spec is None or not path.is_file():
+                    raise FileNotFoundError(f"no such file {entry}")
+                module = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(module)
+            else:
+                importlib.import_module(entry)
+        except Exception as exc:
+            raise ImportError(f"overrides module {entry!r} (config.yaml overrides_modules / ${OVERRIDES_ENV}) "
+                              f"cannot be imported: {type(exc).__name__}: {exc}") from exc
+        _loaded_user_modules.add(entry)
+
+
 def get_overrides(model_type: str) -> ArchOverrides:
-    """The overrides for `model_type` (a config's `model_type`), or the generic defaults."""
+    """The overrides for `model_type` (a config's `model_type`), or the generic defaults.
+    User modules named in $EMBEDLENS_OVERRIDES are imported first (once)."""
+    load_user_overrides()
     return _REGISTRY.get(model_type, _GENERIC)
 
 

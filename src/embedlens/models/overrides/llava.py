@@ -1,17 +1,28 @@
-"""LLaVA-1.5 and LLaVA-NeXT (any-res)."""
+"""LLaVA-1.5, LLaVA-NeXT (any-res) and LLaVA-OneVision (any-res with shrinking)."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
 
-from .base import ArchOverrides, ImageContext, TokenLayout, _coarse_to_fine, _layout, _row_major, _square_side, register_overrides
+from .base import ArchOverrides, ImageContext, TokenLayout, _coarse_to_fine, _layout, _row_major, _square_side, register_overrides, unknown_layout
 
 
 class LlavaOverrides(ArchOverrides):
     """LLaVA-1.5: CLIP patches h x w (+ CLS dropped by the "default" strategy), 1:1 projector."""
 
     truncate_after_image = True
+
+    def layout(self, ctx):
+        # LLaVA's processor always gives the tower a square input (resize + centre crop) and
+        # the projector maps patches 1:1, so n tokens form a sqrt(n) x sqrt(n) grid, whatever
+        # size the vision config was saved with (embedlens-mini: DINOv2 saved at 518 px, run at 112).
+        side = _square_side(ctx.n_tokens)
+        if side is None:
+            return unknown_layout(ctx.n_tokens, note=f"llava: {ctx.n_tokens} visual tokens are not a square grid")
+        return _layout(side, side)
 
     def vision_to_llm(self, ctx, n_vtok):
         n = ctx.n_tokens
@@ -57,16 +68,18 @@ class LlavaNextOverrides(ArchOverrides):
             cur_w=int(kept_c.numel()),
             n_crops=1 + nph * npw,
         )
+        # the grid of the crop tokens the LLM sees (LLaVA-OneVision may shrink it)
+        geo["grid_h"], geo["grid_w"] = geo["cur_h"], geo["cur_w"]
         ctx.extra["geometry"] = geo
         return geo
 
     def layout(self, ctx):
         g = self._geometry(ctx)
-        side, cur_h, cur_w = g["side"], g["cur_h"], g["cur_w"]
+        side, cur_h, cur_w = g["side"], g["grid_h"], g["grid_w"]
         n_base, n_hr = side * side, cur_h * (cur_w + 1)
         if ctx.n_tokens != n_base + n_hr:
             raise ValueError(
-                f"LLaVA-NeXT layout: expected {n_base} + {n_hr} visual tokens, found {ctx.n_tokens}"
+                f"{type(self).__name__} layout: expected {n_base} + {n_hr} visual tokens, found {ctx.n_tokens}"
             )
         br, bc = _row_major(side, side)
         br, bc = _coarse_to_fine(br, bc, (side, side), (cur_h, cur_w))
@@ -80,9 +93,12 @@ class LlavaNextOverrides(ArchOverrides):
             np.concatenate([br, hr_r]).astype(np.int32),
             np.concatenate([bc, hr_c]).astype(np.int32),
             view,
-            note="llava-next any-res: grid = unpadded crop grid; base view mapped to the cell "
-            "under its centre; row separators have patch -1",
+            note=self._note(g),
         )
+
+    def _note(self, g: dict) -> str:
+        return ("llava-next any-res: grid = unpadded crop grid; base view mapped to the cell "
+                "under its centre; row separators have patch -1")
 
     def split_vision(self, hidden, inputs, config, n_images):
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
@@ -119,5 +135,49 @@ class LlavaNextOverrides(ArchOverrides):
         return out
 
 
+class LlavaOnevisionOverrides(LlavaNextOverrides):
+    """LLaVA-OneVision, one image per prompt: LLaVA-NeXT's any-res (base view, then the unpadded
+    crop grid with ``image_newline`` ending each row; same crop count, unpadding and order), and
+    one rule of its own (``pack_image_features``): when the unpadded crop grid holds more than
+    ~1.1^2 x N crops' worth of tokens ("anyres_max_N", config.vision_aspect_ratio), the model
+    shrinks it bilinearly to ``int(h // ratio) x int(w // ratio)`` before adding the newlines.
+
+    Grid = the crop-token grid the LLM sees (the shrunk one where it was shrunk). Where it was
+    shrunk, every LLM crop token is a bilinear mix of up to 2 x 2 vision tokens and a vision
+    token feeds up to 2 x 2 LLM tokens, so no one-LLM-token-per-vision-token map exists:
+    `vision_to_llm` is None for those images (the layout is still exact).
+
+    Several images in one prompt (or video) take another path (base view + one newline, no
+    crops); the adapter always puts one image in a prompt.
+    """
+
+    def _geometry(self, ctx: ImageContext) -> dict:
+        geo = super()._geometry(ctx)
+        if "shrunk" not in geo:
+            side = geo["side"]
+            aspect = getattr(ctx.config, "vision_aspect_ratio", None) or "anyres_max_9"
+            # the model's own expressions (pack_image_features), for identical rounding
+            max_num_patches = int(aspect.strip("anyres_max_"))
+            ratio = math.sqrt(geo["cur_h"] * geo["cur_w"] / (max_num_patches * side**2))
+            geo["shrunk"] = ratio > 1.1
+            if geo["shrunk"]:
+                geo["grid_h"], geo["grid_w"] = int(geo["cur_h"] // ratio), int(geo["cur_w"] // ratio)
+        return geo
+
+    def _note(self, g: dict) -> str:
+        note = "llava-onevision any-res: grid = crop-token grid; base view mapped to the cell under its centre; " \
+               "row separators have patch -1"
+        if g["shrunk"]:
+            note += (f"; the unpadded {g['cur_h']}x{g['cur_w']} crop grid was shrunk bilinearly to "
+                     f"{g['grid_h']}x{g['grid_w']} (vision_to_llm unknown)")
+        return note
+
+    def vision_to_llm(self, ctx, n_vtok):
+        if self._geometry(ctx)["shrunk"]:
+            return None
+        return super().vision_to_llm(ctx, n_vtok)
+
+
 register_overrides("llava", LlavaOverrides)
 register_overrides("llava_next", LlavaNextOverrides)
+register_overrides("llava_onevision", LlavaOnevisionOverrides)

@@ -1,4 +1,4 @@
-"""Qwen2-VL and Qwen2.5-VL (dynamic resolution, packed vision patches)."""
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL (dynamic resolution, packed vision patches)."""
 
 from __future__ import annotations
 
@@ -67,5 +67,23 @@ class Qwen25VLOverrides(Qwen2VLOverrides):
         return hidden.reshape(-1, unit, hidden.shape[-1])[reverse].reshape(-1, hidden.shape[-1])
 
 
+class Qwen3VLOverrides(Qwen2VLOverrides):
+    """Qwen3-VL: Qwen2-VL's packing, grid and m x m merge (no attention windows, so the vision
+    blocks see the patches in image order). The vision tower's layer list is ``blocks``; its
+    other module list (``deepstack_merger_list``, one merger per DeepStack layer) is far shorter
+    (3 vs ``depth`` = 27 in transformers' default config), so the generic search, which wants
+    ``depth`` layers, finds ``blocks``.
+
+    DeepStack adds, after decoder layer i (i < number of DeepStack layers), the merged output of
+    vision block ``deepstack_visual_indexes[i]`` to the visual positions, in place, outside the
+    decoder layer. HF's ``hidden_states[i + 1]`` is the layer's own output, *before* that
+    addition (transformers records the decoder layer outputs), so for those layers the stored
+    state at a visual position is not what the next layer reads: that is the stored state plus
+    the DeepStack feature. The positions are unchanged: the features go to exactly the
+    image-token positions (``input_ids == image_token_id``), in the same order as the main
+    merger's tokens."""
+
+
 register_overrides("qwen2_vl", Qwen2VLOverrides)
 register_overrides("qwen2_5_vl", Qwen25VLOverrides)
+register_overrides("qwen3_vl", Qwen3VLOverrides)
