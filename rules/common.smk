@@ -34,7 +34,9 @@ def _export_overrides_modules():
         else:
             entries.append(name)
     if entries:
-        os.environ["EMBEDLENS_OVERRIDES"] = os.pathsep.join(entries)
+        # Exported for the jobs snakemake starts (local, and Slurm, which passes the
+        # environment on by default). Optional, so not an `envvars:` requirement.
+        os.environ.update({"EMBEDLENS_OVERRIDES": os.pathsep.join(entries)})
 
 
 _export_overrides_modules()

@@ -23,7 +23,9 @@ Conventions (shared by every architecture, documented in docs/architecture.md):
   encoder has one). `vision_to_llm[j]` is the index (among the image's visual LLM tokens) of
   the LLM token that vision token `j` feeds, or -1 (CLS, unpadded-away crop area). Every
   vision token feeds at most one LLM token in all supported architectures; several vision
-  tokens may feed the same LLM token (merging/pooling/pixel-shuffle).
+  tokens may feed the same LLM token (merging/pooling/pixel-shuffle). Where a model mixes
+  neighbouring vision tokens into several LLM tokens (LLaVA-OneVision's bilinear shrink of
+  large crop grids) there is no such map and `vision_to_llm` is None for that image.
 * Vision layer `k` follows HF's vision `hidden_states` order: 0 = the input of the first
   encoder layer (embeddings, after any pre-norm), k = output of encoder layer k (before any
   post-norm or merger).
