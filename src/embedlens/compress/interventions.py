@@ -395,6 +395,13 @@ def capture_sequence(model, inputs: dict, image_id: str) -> TokenSequence:
         raise RuntimeError("the language model was never called")
     finally:
         h.remove()
+    if any(v is not None for k, v in kw.items() if "deepstack" in k):
+        # Qwen3-VL's DeepStack adds vision features inside early decoder layers; a re-run on
+        # the captured inputs_embeds would silently drop them, so every score would be wrong.
+        raise NotImplementedError(
+            f"{type(model).__name__} injects vision features inside its decoder (DeepStack: "
+            f"{', '.join(k for k in kw if 'deepstack' in k)}); the compression benchmark cannot "
+            "replay that yet: leave this model out of compress (extraction works)")
     embeds = kw.get("inputs_embeds")
     if embeds is None:
         raise NotImplementedError(
