@@ -19,7 +19,7 @@ rule extract_hidden:
         batch_size=lambda wc: extraction(wc.model)["batch_size"],
         device=lambda wc: extraction(wc.model)["device"],
         trust=lambda wc: "--trust-remote-code" if MODELS[wc.model]["trust_remote_code"] else "",
-        on_bad_image=config["on_bad_image"],
+        on_bad_image=CFG["on_bad_image"],
     resources:
         gpu=lambda wc: uses_gpu(wc.model),
     log:
