@@ -457,6 +457,32 @@ def test_probe_finds_encoded_label_by_layer_with_controls(tmp_path):
     assert hit.loc[("alive", 2), "chance_label_prior"] > 0
 
 
+def test_tokens_without_a_grid_are_left_out_and_counted(tmp_path):
+    """Images whose patch grid is unknown (grid 0 x 0, patches -1 in the store) get no
+    patch label: the probe leaves their tokens out and its summary counts them."""
+    store, _, labels = _probe_store()
+    no_grid = np.arange(store.sizes["image"]) < 4
+    store = store.assign_coords(
+        grid_rows=("image", np.where(no_grid, 0, 4)), grid_cols=("image", np.where(no_grid, 0, 4)),
+        patch_row=store.patch_row.where(~no_grid[:, None], -1),
+        patch_col=store.patch_col.where(~no_grid[:, None], -1))
+    from embedlens.analysis.common import token_index
+
+    cat = token_index(store)
+    cat["label"] = "alive"
+    for r in (1, 2, 3):
+        cat[f"top{r}_id"] = 0
+        cat[f"top{r}_token"] = "x"
+    assert (labels.for_table(cat)["colour"][cat["grid_rows"].to_numpy() == 0] == -1).all()
+    s = probe(store, cat, labels, tmp_path, n_bootstrap=20, progress=False, seed=1)
+    assert s["grid_unknown"] == {"n_images": 4, "n_tokens": 4 * 16}
+    assert any("64 tokens of 4 image(s) whose patch grid is unknown" in n for n in s["notes"])
+    assert s["split"]["n_tokens_used"] == (24 - 4) * 16
+    s_known = probe(*_probe_store(), tmp_path / "known", n_bootstrap=20, progress=False, seed=1)
+    assert s_known["grid_unknown"] == {"n_images": 0, "n_tokens": 0}
+    assert not any("grid is unknown" in n for n in s_known["notes"])
+
+
 def test_probe_without_labels_writes_skipped_result(tmp_path):
     store, cat, _ = _probe_store(n_img=4)
     s = probe(store, cat, None, tmp_path, progress=False)

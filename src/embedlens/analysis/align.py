@@ -51,6 +51,7 @@ import torch
 from .common import (
     PatchLabels,
     VocabIndex,
+    grid_unknown_tokens,
     layer_values,
     note,
     progress_bar,
@@ -346,7 +347,7 @@ def align(
     if centring not in ("mean", "none"):
         raise ValueError("centring must be 'mean' or 'none'")
     cat = categories.reset_index(drop=True)
-    notes: list[str] = []
+    grid_unknown, notes = grid_unknown_tokens(cat, "nn_accuracy and cka")
     has_labels = labels is not None and not labels.empty
     task_names = (list(labels.tasks) if not tasks else list(tasks)) if has_labels else []
     unknown = [t for t in task_names if t not in labels.tasks] if has_labels else []
@@ -457,6 +458,7 @@ def align(
         "settings": {"visual": list(visual), "max_tokens": max_tokens, "cka_max_tokens": cka_max_tokens,
                      "seed": seed, "layers": text_layers, "centring": centring},
         "n_tokens_used": int(len(sample)),
+        "grid_unknown": grid_unknown,
         "notes": notes,
         "methods_notes": [note("ours", "layer_alignment", (
             "Reference text states from label-word prompts plus a generic word list run through the "

@@ -35,6 +35,7 @@ from .common import (
     VocabIndex,
     excluded_ids,
     final_norm_flag,
+    grid_unknown_tokens,
     image_blocks,
     layer_values,
     load_vocab,
@@ -480,7 +481,8 @@ def categorize(
     if bad:
         raise ValueError(f"anchor ids outside the vocabulary (size {voc.size}): {bad}")
     excluded_anchor = [i for ids in used.values() for i in ids if i in set(info["excluded_ids"])]
-    notes = [info["vision_norm_note"]]
+    grid_unknown, grid_notes = grid_unknown_tokens(table, "anchor discovery's label-word test")
+    notes = [info["vision_norm_note"], *grid_notes]
     if excluded_anchor:
         notes.append(f"anchor ids {excluded_anchor} are excluded candidates and can never match")
 
@@ -512,6 +514,7 @@ def categorize(
         "excluded_strings": info["excluded_strings"],
         "vocab_size": info["vocab_size"],
         "vision_layer": info["vision_layer"],
+        "grid_unknown": grid_unknown,
         "norm_layers": info["norm_layers"],
         "final_norm_applied_to_last_layer": final_norm_flag(hidden),
         "reference": {"alive_share_llava15_7b": REFERENCE_ALIVE_SHARE},

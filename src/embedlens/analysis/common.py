@@ -434,6 +434,23 @@ class PatchLabels:
         )
 
 
+def grid_unknown_tokens(table: pd.DataFrame, step: str) -> tuple[dict[str, int], list[str]]:
+    """Tokens of images whose patch grid is unknown (``grid_rows``/``grid_cols`` 0 in the
+    store: tiles + thumbnail, separator tokens, dynamic resolution). They have no patch
+    position, so every label-based measure leaves them out; this counts them for the
+    summary and words the note ``step`` reports. Returns ``({"n_images", "n_tokens"},
+    notes)``; notes is empty when every grid is known."""
+    if table.empty or "grid_rows" not in table or "grid_cols" not in table:
+        return {"n_images": 0, "n_tokens": 0}, []
+    unknown = (table["grid_rows"].to_numpy() <= 0) | (table["grid_cols"].to_numpy() <= 0)
+    n_tok = int(unknown.sum())
+    n_img = int(table.loc[unknown, "image_id"].nunique()) if n_tok else 0
+    notes = [] if not n_tok else [
+        f"{n_tok} tokens of {n_img} image(s) whose patch grid is unknown (see the store's "
+        f"grid_known/layout_note) have no patch label and are left out of {step}"]
+    return {"n_images": n_img, "n_tokens": n_tok}, notes
+
+
 def read_patch_labels(dataset_dir: str | os.PathLike) -> PatchLabels:
     """Read ``dataset.json`` + ``labels.npz`` of a materialized data set (documented
     format). A set without labels gives an empty :class:`PatchLabels`."""

@@ -46,6 +46,7 @@ import pandas as pd
 
 from .common import (
     PatchLabels,
+    grid_unknown_tokens,
     image_blocks,
     layer_values,
     load_vocab,
@@ -431,7 +432,7 @@ def probe(
 
     # feature list
     feats: list[tuple[str, int | None]] = []
-    notes: list[str] = []
+    grid_unknown, notes = grid_unknown_tokens(cat, "the probes and hit@k")
     vl, vmap = None, None
     if include_vision:
         from .categorize import _vision_mapping
@@ -553,6 +554,7 @@ def probe(
         "split": {"n_images": int(images.size), "n_test_images": int(n_test_img),
                   "test_images": sorted(test_images), "n_tokens_used": int(labelled.size)},
         "status_counts": table["status"].value_counts().to_dict(),
+        "grid_unknown": grid_unknown,
         "best_by_task_group": best,
         "settings": {"test_fraction": test_fraction, "seed": seed, "max_tokens": max_tokens,
                      "pca_components": pca_components, "C": C, "max_iter": max_iter,
