@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     import xarray as xr
 
     from embedlens.analysis.categorize import categorize
-    from embedlens.analysis.common import Vocab, VocabIndex
+    from embedlens.analysis.vocab import Vocab, VocabIndex
 
     rng = np.random.default_rng(args.seed)
     n_img = -(-args.tokens // args.tokens_per_image)

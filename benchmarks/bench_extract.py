@@ -38,8 +38,9 @@ def main() -> None:
     args = ap.parse_args()
 
     from embedlens.datasets import load_dataset, materialize
-    from embedlens.extract import ExtractSettings, extract_shard, resolve_device
+    from embedlens.extract import ExtractSettings, extract_shard
     from embedlens.models.adapter import VLMAdapter
+    from embedlens.runtime import resolve_device
 
     device = resolve_device(args.device)
     work = Path(tempfile.mkdtemp(prefix="bench-extract-"))

@@ -28,9 +28,9 @@ def main() -> None:
     args = ap.parse_args()
 
     from embedlens.datasets.synthetic import make_examples
-    from embedlens.extract import resolve_device
     from embedlens.mini import train as mt
     from embedlens.mini.build import init_projector_
+    from embedlens.runtime import resolve_device
 
     dev = resolve_device(args.device)
     model, processor = mt.load_model(args.model)

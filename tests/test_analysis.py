@@ -33,7 +33,8 @@ from embedlens.analysis import (
     probe,
     read_patch_labels,
 )
-from embedlens.analysis.common import robust_z, uncertainty_coefficient, write_json
+from embedlens.analysis.outputs import write_json
+from embedlens.analysis.stats import robust_z, uncertainty_coefficient
 
 
 # --------------------------------------------------------------------------- helpers

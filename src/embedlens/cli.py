@@ -177,8 +177,8 @@ def cmd_lens(args) -> int:
 
 def cmd_text_states(args) -> int:
     from .analysis import build_prompts, collect_text_states
-    from .extract import resolve_device
     from .models.adapter import VLMAdapter
+    from .runtime import resolve_device
 
     meta = json.loads((Path(args.dataset_dir) / "dataset.json").read_text())
     device = resolve_device(args.device)

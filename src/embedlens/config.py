@@ -33,7 +33,7 @@ DEFAULTS: dict[str, Any] = {
         "prompt": "Describe the image.",
     },
     # Analysis sections: the keys map onto the entry points' keyword arguments
-    # (embedlens.analysis.common.CONFIG_KEYS); anything not set uses the library default.
+    # (embedlens.analysis.settings.CONFIG_KEYS); anything not set uses the library default.
     "categorize": {
         "top_k": 3,
         "exclude_special": True,

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from .config import settings_hash
 from .datasets import load_dataset
 from .datasets.images import BadImageError
+from .runtime import resolve_device
 from .store import NonFiniteError, ShardWriter, StoreOverflowError, atomic_directory
 
 log = logging.getLogger("embedlens.extract")
@@ -50,15 +51,6 @@ class ExtractSettings:
         return {"layers": self.layers, "vision_layers": list(self.vision_layers),
                 "compute_dtype": self.compute_dtype, "store_dtype": self.store_dtype,
                 "prompt": self.prompt}
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("extraction.device is 'cuda' but no CUDA device is visible; "
-                           "set extraction.device: auto or cpu")
-    return device
 
 
 def resolve_layers(spec, n_hidden: int) -> list[int]:

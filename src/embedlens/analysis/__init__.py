@@ -22,9 +22,11 @@ from .categorize import (
     compute_h0_neighbours,
     read_categories,
 )
-from .common import PatchLabels, Vocab, VocabIndex, config_kwargs, load_vocab, read_patch_labels
+from .labels import PatchLabels, read_patch_labels
 from .lens import layer_lens, open_lens
 from .probe import hit_at_k, probe
+from .settings import config_kwargs
+from .vocab import Vocab, VocabIndex, load_vocab
 
 __all__ = [
     "GROUPS", "LABELS", "REFERENCE_ALIVE_SHARE", "REFERENCE_ANCHORS",

@@ -48,18 +48,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .common import (
-    PatchLabels,
-    VocabIndex,
-    grid_unknown_tokens,
-    layer_values,
-    note,
-    progress_bar,
-    resolve_device,
-    write_json,
-    write_parquet,
-)
+from embedlens.runtime import progress_bar, resolve_device
+
+from .common import layer_values
+from .labels import PatchLabels, grid_unknown_tokens
+from .outputs import note, write_json, write_parquet
 from .probe import _gather_features, resolve_groups
+from .vocab import VocabIndex
 
 OUTPUT_FILES = {"align": "align.parquet", "summary": "align_summary.json"}
 GENERIC_TASK = "_generic"
@@ -149,7 +144,7 @@ class TextStates:
     words: np.ndarray
 
     def save(self, path: str | Path) -> None:
-        from .common import _atomic
+        from .outputs import _atomic
 
         keys = np.array([f"{t}\t{w}" for t, w in self.word_keys], dtype=str)
 

@@ -48,7 +48,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .common import normalize_word, note, robust_z, uncertainty_coefficient
+from .outputs import note
+from .stats import robust_z, uncertainty_coefficient
+from .vocab import normalize_word
 
 GROUPS = ("vit_sink", "llm_sink", "dead")
 

@@ -29,24 +29,20 @@ import numpy as np
 import pandas as pd
 import torch
 
+from embedlens.runtime import progress_bar
+
 from . import anchors as _anchors
 from .common import (
-    PatchLabels,
-    VocabIndex,
-    excluded_ids,
     final_norm_flag,
-    grid_unknown_tokens,
     image_blocks,
     layer_values,
-    load_vocab,
-    note,
     num_layers_of,
-    progress_bar,
     token_index,
     valid_mask,
-    write_json,
-    write_parquet,
 )
+from .labels import PatchLabels, grid_unknown_tokens
+from .outputs import note, write_json, write_parquet
+from .vocab import VocabIndex, excluded_ids, load_vocab
 
 GROUPS = ("vit_sink", "llm_sink", "dead")
 LABELS = GROUPS + ("alive",)
@@ -141,7 +137,7 @@ def compute_h0_neighbours(
     ----------
     hidden : ``xarray.Dataset`` in the hidden-state store format (``open_hidden``);
         must contain layer 0 of ``llm_hidden``.
-    vocab : ``vocab.zarr`` path / dataset or :class:`~.common.Vocab`.
+    vocab : ``vocab.zarr`` path / dataset or :class:`~.vocab.Vocab`.
     k : neighbours kept per token (reference: 3).
     exclude_special, exclude_ids, include_ids : candidate rows (see ``excluded_ids``).
     norm_layers : layers whose ``h[l]`` norm is recorded (default: every extracted layer).

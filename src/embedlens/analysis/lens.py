@@ -27,19 +27,17 @@ import numpy as np
 import torch
 
 from embedlens.atomic import atomic_directory
+from embedlens.runtime import progress_bar
 
 from .common import (
-    VocabIndex,
-    excluded_ids,
     final_norm_flag,
     image_blocks,
     layer_values,
-    load_vocab,
-    note,
     num_layers_of,
-    progress_bar,
     valid_mask,
 )
+from .outputs import note
+from .vocab import VocabIndex, excluded_ids, load_vocab
 
 LENS_FILE = "lens.zarr"
 

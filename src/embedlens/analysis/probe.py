@@ -44,19 +44,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .common import (
-    PatchLabels,
-    grid_unknown_tokens,
-    image_blocks,
-    layer_values,
-    load_vocab,
-    normalize_word,
-    note,
-    progress_bar,
-    valid_mask,
-    write_json,
-    write_parquet,
-)
+from embedlens.runtime import progress_bar
+
+from .common import image_blocks, layer_values, valid_mask
+from .labels import PatchLabels, grid_unknown_tokens
+from .outputs import note, write_json, write_parquet
+from .vocab import load_vocab, normalize_word
 
 OUTPUT_FILES = {"probe": "probe.parquet", "hitk": "hitk.parquet", "summary": "probe_summary.json"}
 
@@ -282,7 +275,7 @@ def hit_at_k(categories: pd.DataFrame, token_labels: Mapping[str, np.ndarray],
 def _with_neighbours(cat: pd.DataFrame, hidden, vocab, k: int, exclude_ids, img_pos, tok, *,
                      max_block_bytes: int) -> pd.DataFrame:
     """``cat`` with ``top{r}_token`` recomputed for r = 1..k (h[0], EmbedLens search)."""
-    from .common import VocabIndex, excluded_ids
+    from .vocab import VocabIndex, excluded_ids
 
     if vocab is None:
         raise ValueError("probe: hit_k differs from the k stored in categories; pass vocab to recompute")

@@ -389,7 +389,8 @@ def run_compress(
     across seeds, Wilson interval over the pooled trials) and set on the per-seed rows.
     """
     from embedlens import vqa
-    from embedlens.analysis.common import resolve_device, write_parquet
+    from embedlens.analysis.outputs import write_parquet
+    from embedlens.runtime import resolve_device
     from embedlens.datasets.materialize import load_dataset
 
     dev = resolve_device(device)
@@ -490,7 +491,7 @@ def run_compress(
 
 def methods_notes(pack_choices: bool = True) -> list[dict]:
     """The procedures of this benchmark that are the project's own ([ours], methods.md §5)."""
-    from embedlens.analysis.common import note
+    from embedlens.analysis.outputs import note
 
     out = [
         note("reference", "prune_position_ids",

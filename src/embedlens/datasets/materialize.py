@@ -283,15 +283,16 @@ def load_dataset(path: str | os.PathLike) -> Dataset:
     )
 
 
-def token_cells(patch: np.ndarray | int, grid_tokens: int, label_grid: int) -> np.ndarray:
+def token_cells(patch: np.ndarray | int, grid_tokens: np.ndarray | int, label_grid: int) -> np.ndarray:
     """Cell index under the centre of each token: ``floor((p + 0.5) * G / R)``, computed
-    in integers (``((2p + 1) G) // (2R)``) so it is exact; -1 for p outside ``0..R-1``,
-    and everywhere when ``R == 0`` (the store's mark of an image whose grid is unknown)."""
+    in integers (``((2p + 1) G) // (2R)``) so it is exact. The one token-to-cell rule of
+    the project (data set labels, analyses). ``patch`` and ``grid_tokens`` (R) broadcast;
+    -1 for p outside ``0..R-1``, and where ``R == 0`` (the store's mark of an image whose
+    grid is unknown)."""
     p = np.asarray(patch, dtype=np.int64)
-    if int(grid_tokens) <= 0:
-        return np.full(p.shape, -1, dtype=np.int64)
-    cell = ((2 * p + 1) * label_grid) // (2 * int(grid_tokens))
-    return np.where((p >= 0) & (p < grid_tokens), cell, -1)
+    r = np.asarray(grid_tokens, dtype=np.int64)
+    cell = ((2 * p + 1) * int(label_grid)) // (2 * np.where(r > 0, r, 1))
+    return np.where((r > 0) & (p >= 0) & (p < r), cell, -1)
 
 
 def token_labels(

@@ -1,0 +1,38 @@
+"""Where the work runs: the device choice and progress bars, shared by every stage.
+
+One definition so that ``device: auto`` means the same in extraction, the analyses, the
+compression benchmark and embedlens-mini training.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> str:
+    """The device to compute on, as a string torch accepts (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
+
+    ``"auto"`` (or None) → ``"cuda"`` when a CUDA device is visible, else ``"cpu"``; anything
+    else as given.
+
+    Raises
+    ------
+    RuntimeError
+        ``"cuda"`` (or ``"cuda:N"``) asked for while no CUDA device is visible: the message
+        says to set ``device: auto`` or ``cpu``.
+    """
+    if device is None or str(device) == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    name = str(device)
+    if torch.device(name).type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} asked for, but no CUDA device is visible; "
+                           "set device: auto or cpu")
+    return name
+
+
+def progress_bar(iterable=None, *, enabled: bool = True, **kw):
+    """A tqdm bar over ``iterable`` (``enabled=False``: the same object, silent, so tests
+    and library callers stay quiet)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, disable=not enabled, **kw)
