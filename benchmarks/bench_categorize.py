@@ -106,7 +106,7 @@ def main(argv=None) -> int:
             },
         )
         with tempfile.TemporaryDirectory() as out:
-            summary = categorize(ds, voc, out, k=args.k, anchors={"vit_sink": [3], "llm_sink": [4], "dead": [5]},
+            summary = categorize(ds, voc, out, top_k=args.k, anchors={"vit_sink": [3], "llm_sink": [4], "dead": [5]},
                                  device=args.device, vocab_block=args.vocab_block,
                                  query_block=args.query_block, progress=True)
         device = summary["device"]

@@ -56,7 +56,7 @@ def config(models: dict[str, Path]) -> dict:
         },
         "extraction": {"batch_size": 4, "shard_size": 4, "device": "cpu", "store_dtype": "float32"},
         "lens": {"max_images": 2},
-        "probe": {"bootstrap": 10, "min_tokens": 5},
+        "probe": {"n_bootstrap": 10, "min_tokens": 5},
         "compress": {"n_items": 4, "seeds": [0], "repeats": 1},
     }
 

@@ -132,7 +132,7 @@ def test_reference_rule_labels_constructed_tokens_exactly(tmp_path):
     special = np.zeros(V, bool)
     special[0] = True
     voc = Vocab(E, ["<image>"] + [f"w{i}" for i in range(1, V)], special)
-    summary = categorize(store, voc, tmp_path, anchors=RULE_ANCHORS, k=3, progress=False)
+    summary = categorize(store, voc, tmp_path, anchors=RULE_ANCHORS, top_k=3, progress=False)
     t = pd.read_parquet(tmp_path / "categories.parquet")
     assert t["label"].tolist() == ["vit_sink", "vit_sink", "llm_sink", "alive", "llm_sink", "dead"]
     assert t["label_top1"].tolist() == ["vit_sink", "dead", "llm_sink", "alive", "alive", "dead"]
@@ -300,7 +300,7 @@ def test_partial_anchor_config_discovers_the_rest(tmp_path):
     assert s["anchors"] == {"vit_sink": [7], "llm_sink": [11], "dead": [5]}
     assert s["anchor_sources"] == {"vit_sink": "discovered", "llm_sink": "discovered", "dead": "configured"}
     assert s["anchor_source"] == "mixed"
-    s2 = categorize(store, voc, tmp_path / "off", anchors={"dead": [5]}, discover=False, progress=False)
+    s2 = categorize(store, voc, tmp_path / "off", anchors={"dead": [5]}, discover_anchors=False, progress=False)
     assert s2["anchors"] == {"vit_sink": [], "llm_sink": [], "dead": [5]} and s2["anchor_sources"]["vit_sink"] == "none"
 
 
@@ -374,7 +374,7 @@ def test_layer_lens_embedding_and_logit_lens(tmp_path):
     norm = torch.nn.RMSNorm(d, eps=1e-6)
     with torch.no_grad():
         norm.weight.copy_(torch.rand(d) + 0.5)
-    info = layer_lens(store, voc, tmp_path / "lens.zarr", k=3, lm_head=head, final_norm=norm,
+    info = layer_lens(store, voc, tmp_path / "lens.zarr", top_k=3, lm_head=head, final_norm=norm,
                       num_layers=2, progress=False, vocab_block=7, max_block_bytes=1)
     lens = open_lens(tmp_path / "lens.zarr")
     assert dict(lens["emb_id"].sizes) == {"image": 3, "layer": 3, "token": 4, "k": 3}
@@ -399,7 +399,7 @@ def test_layer_lens_embedding_and_logit_lens(tmp_path):
                                    lp.gather(-1, exp_log).detach().numpy()[valid], atol=1e-4)
     assert lens["image_id"].values.tolist() == ["img000", "img001", "img002"]
     # subset of images, no head → embedding lens only
-    info2 = layer_lens(store, voc, tmp_path / "lens2.zarr", k=2, images=["img001"], progress=False)
+    info2 = layer_lens(store, voc, tmp_path / "lens2.zarr", top_k=2, images=["img001"], progress=False)
     lens2 = open_lens(tmp_path / "lens2.zarr")
     assert "logit_id" not in lens2 and lens2.sizes["image"] == 1 and not info2["logit_lens"]
 

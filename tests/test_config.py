@@ -6,7 +6,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from embedlens.config import DEFAULTS, ConfigError, load_config, normalize, schema_path, validate
+from embedlens.config import (
+    DEFAULTS,
+    ConfigError,
+    load_config,
+    normalize,
+    schema_path,
+    validate,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = yaml.safe_load((ROOT / "config.yaml").read_text())
@@ -52,14 +59,49 @@ def test_model_extraction_overrides_global():
     assert norm["models"]["embedlens-mini"]["extraction"]["prompt"] == BASE["extraction"]["prompt"]
 
 
-def test_every_default_key_is_in_schema():
+# Workflow defaults that deliberately differ from the library's, with the reason.
+WORKFLOW_CHOICES = {
+    ("lens", "max_images"): "the lens is per token x layer x k; 16 images keep `make run` cheap",
+}
+
+
+def test_defaults_are_the_schema_defaults_and_match_the_signatures():
+    """One place for defaults: DEFAULTS is read from the schema's `default:`; each
+    analysis section's keys are its entry point's keyword names, with equal defaults."""
+    import dataclasses
+    import inspect
+
+    from embedlens.analysis.anchors import DEFAULTS as DISCOVERY
+    from embedlens.analysis.settings import ENTRY_POINTS, config_keys
+    from embedlens.extract import ExtractSettings
+
     schema = yaml.safe_load(schema_path().read_text())
-    for section, values in DEFAULTS.items():
-        assert section in schema["properties"], section
-        if isinstance(values, dict):
-            props = schema["properties"][section].get("properties") or \
-                schema["$defs"][section]["properties"]
-            assert set(values) <= set(props), (section, set(values) - set(props))
+    assert DEFAULTS["probe"]["n_bootstrap"] == schema["properties"]["probe"]["properties"]["n_bootstrap"]["default"]
+    for step, fn in ENTRY_POINTS.items():
+        keys = set(schema["properties"][step]["properties"])
+        assert keys <= config_keys(step), (step, keys - config_keys(step))
+        params = inspect.signature(fn).parameters
+        for key, value in DEFAULTS[step].items():
+            if (step, key) in WORKFLOW_CHOICES:
+                assert key in params and params[key].default != value
+            elif key in params:
+                default = params[key].default
+                assert (list(default) if isinstance(default, tuple) else default) == value, (step, key)
+            elif step == "categorize":
+                assert DISCOVERY[key] == value, key
+    fields = {f.name: f.default for f in dataclasses.fields(ExtractSettings)}
+    for key, value in DEFAULTS["extraction"].items():
+        if key != "shard_size":  # planning, not extraction: one store per shard_size images
+            got = fields[key]
+            assert (list(got) if isinstance(got, tuple) else got) == value, key
+
+
+@pytest.mark.parametrize("section, old, new", [("probe", "bootstrap", "n_bootstrap"),
+                                               ("categorize", "block_rows", "vocab_block")])
+def test_renamed_key_names_the_new_one(section, old, new):
+    cfg = _broken(lambda c: c.setdefault(section, {}).update({old: 1}))
+    with pytest.raises(ConfigError, match=f"{section}.{old}: renamed to {section}.{new}"):
+        validate(cfg)
 
 
 def test_missing_and_invalid_yaml(tmp_path):

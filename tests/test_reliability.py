@@ -54,7 +54,7 @@ N_IMAGES = 8
 DATA_SPEC = {"source": "synthetic", "n_images": N_IMAGES, "seed": 3, "image_size": 64, "grid": 4}
 EXTRACT_SETTINGS = json.dumps({"store_dtype": "float16", "vision_layers": [-1]})
 PROBE_SETTINGS = json.dumps({"layers": [0, 2], "groups": ["all", "alive"],
-                             "tasks": ["shape", "colour"], "bootstrap": 10, "min_tokens": 5})
+                             "tasks": ["shape", "colour"], "n_bootstrap": 10, "min_tokens": 5})
 # JSON keys that hold wall-clock facts, not results.
 VOLATILE_KEYS = {"seconds", "created", "elapsed", "timestamp", "duration"}
 

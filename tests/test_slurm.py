@@ -114,7 +114,7 @@ def write_config(workdir: Path, model: Path) -> None:
                                 "image_size": 64, "grid": 4}},
         "extraction": {"batch_size": 2, "shard_size": SHARD_SIZE, "device": "cpu",
                        "store_dtype": "float32", "vision_layers": [-1]},
-        "probe": {"bootstrap": 20, "min_tokens": 5},
+        "probe": {"n_bootstrap": 20, "min_tokens": 5},
     }
     (workdir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
 

@@ -47,7 +47,7 @@ def write_config(workdir: Path, models: dict, n_images: int = 6) -> dict:
         "extraction": {"batch_size": 2, "shard_size": 4, "device": "auto",
                        "store_dtype": "float32", "vision_layers": [-1]},
         "lens": {"max_images": 2},
-        "probe": {"bootstrap": 20, "min_tokens": 5},
+        "probe": {"n_bootstrap": 20, "min_tokens": 5},
         "compress": {"n_items": 6, "seeds": [0, 1], "repeats": 1},
     }
     (workdir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))

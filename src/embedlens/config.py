@@ -17,69 +17,50 @@ from typing import Any
 import jsonschema
 import yaml
 
-# Defaults for every optional key. The README's config reference documents them;
-# tests/test_config.py checks that every default key exists in the schema.
-DEFAULTS: dict[str, Any] = {
-    "on_bad_image": "fail",
-    "overrides_modules": [],
-    "extraction": {
-        "layers": "all",
-        "vision_layers": [-1],
-        "compute_dtype": "float32",
-        "store_dtype": "float16",
-        "device": "auto",
-        "batch_size": 8,
-        "shard_size": 64,
-        "prompt": "Describe the image.",
-    },
-    # Analysis sections: the keys map onto the entry points' keyword arguments
-    # (embedlens.analysis.settings.CONFIG_KEYS); anything not set uses the library default.
-    "categorize": {
-        "top_k": 3,
-        "exclude_special": True,
-        "discover_anchors": True,
-        "vit_norm_z": 6.0,
-        "llm_norm_z": 6.0,
-        "hub_min_share": 0.05,
-        "hub_min_image_share": 0.5,
-        "hub_max_label_info": 0.2,
-        "block_rows": 8192,
-    },
-    "lens": {"top_k": 5, "layers": "all", "max_images": 16},
-    "probe": {
-        "layers": "all",
-        "groups": ["all", "alive", "dead", "sink"],
-        "test_fraction": 0.3,
-        "min_tokens": 20,
-        "bootstrap": 200,
-        "max_iter": 300,
-        "C": 1.0,
-        "seed": 0,
-    },
-    "align": {
-        "layers": "all",
-        "groups": ["all", "alive", "dead", "sink"],
-        "extra_words": [],
-        "seed": 0,
-    },
-    "compress": {
-        "conditions": "default",
-        "n_items": 24,
-        "seeds": [0, 1, 2],
-        "repeats": 3,
-        "batch_size": 8,
-        "use_best_aligned_layer": True,
-    },
-    "report": {"n_sample_images": 4, "n_sample_patches": 6},
-    "embedlens_mini": {"retrain": False, "steps": 400, "seed": 0, "batch_size": 16},
+# Keys renamed so that a section's keys equal its entry point's keyword names; an old
+# config gets told the new name instead of a bare "unknown key".
+RENAMED: dict[tuple[str, str], str] = {
+    ("categorize", "block_rows"): "vocab_block",
+    ("lens", "block_rows"): "vocab_block",
+    ("probe", "bootstrap"): "n_bootstrap",
 }
 
-DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "synthetic": {"n_images": 64, "seed": 0, "image_size": 224, "grid": 8, "p_letter": 0.6},
-    "skimage": {},
-    "folder": {"recursive": False},
-    "manifest": {},
-}
+
+def _resolve(node: dict, root: dict) -> dict:
+    """A schema node with a local ``$ref`` merged in (the node's own keys win)."""
+    ref = node.get("$ref")
+    if not ref:
+        return node
+    target: Any = root
+    for part in ref.removeprefix("#/").split("/"):
+        target = target[part]
+    return {**_resolve(target, root), **{k: v for k, v in node.items() if k != "$ref"}}
+
+
+def _defaults_of(node: dict, root: dict) -> dict[str, Any]:
+    """Nested ``default:`` values of an object node's properties (sections recursed)."""
+    out: dict[str, Any] = {}
+    for key, sub in _resolve(node, root).get("properties", {}).items():
+        sub = _resolve(sub, root) if isinstance(sub, dict) else {}
+        if "default" in sub:
+            out[key] = copy.deepcopy(sub["default"])
+        elif "properties" in sub:
+            nested = _defaults_of(sub, root)
+            if nested:
+                out[key] = nested
+    return out
+
+
+def schema_defaults(schema: dict | None = None) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The defaults the schema declares (its ``default:`` keywords, the only place they are
+    spelled): ``(global sections, per data-set source)``."""
+    schema = schema if schema is not None else yaml.safe_load(schema_path().read_text())
+    defaults = _defaults_of(schema, schema)
+    per_source: dict[str, dict[str, Any]] = {}
+    for branch in schema["properties"]["datasets"]["additionalProperties"].get("allOf", []):
+        source = branch["if"]["properties"]["source"]["const"]
+        per_source[source] = _defaults_of(branch["then"], schema)
+    return defaults, per_source
 
 
 class ConfigError(ValueError):
@@ -94,6 +75,10 @@ def schema_path() -> Path:
     if candidate.exists():
         return candidate
     return Path(str(resources.files("embedlens") / "config.schema.yaml"))
+
+
+#: Defaults of every optional key, read from the schema (README "Config reference").
+DEFAULTS, DATASET_DEFAULTS = schema_defaults()
 
 
 def _key_path(parts) -> str:
@@ -138,6 +123,10 @@ def validate(raw: Any, source: str = "config.yaml") -> None:
     """Validate a parsed config against the schema and cross-references; raise ConfigError."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping with 'models' and 'datasets'")
+    renamed = [f"{sec}.{old}: renamed to {sec}.{new} (the keyword of the entry point)"
+               for (sec, old), new in RENAMED.items() if old in (raw.get(sec) or {})]
+    if renamed:
+        raise ConfigError(f"{source}: invalid configuration:\n  " + "\n  ".join(renamed))
     schema = yaml.safe_load(schema_path().read_text())
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(raw), key=lambda e: list(map(str, e.absolute_path)))

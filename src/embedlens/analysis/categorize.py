@@ -395,9 +395,9 @@ def categorize(
     out_dir: str | Path,
     *,
     anchors: Mapping[str, Sequence[int]] | None = None,
-    discover: bool = True,
+    discover_anchors: bool = True,
     labels: PatchLabels | None = None,
-    k: int = 3,
+    top_k: int = 3,
     exclude_special: bool = True,
     exclude_ids: Sequence[int] = (),
     include_ids: Sequence[int] = (),
@@ -422,11 +422,11 @@ def categorize(
     out_dir : directory for ``categories.parquet``, ``nearest_words.parquet``,
         ``anchors.json``, ``summary.json`` (created; files written atomically).
     anchors : configured anchor ids ``{group: [ids]}``; groups not given are discovered from
-        the data (**[ours]**, :func:`.anchors.discover_anchors`) when ``discover``, else empty.
-    discover : discover the anchors of groups ``anchors`` does not give.
+        the data (**[ours]**, :func:`.anchors.discover_anchors`) when ``discover_anchors``, else empty.
+    discover_anchors : discover the anchors of groups ``anchors`` does not give.
     labels : patch labels of the data set (``read_patch_labels``), used only by anchor
         discovery (hub information criterion); optional.
-    k : top-k kept and used by the rule (reference 3).
+    top_k : neighbours kept per token and used by the rule (reference k = 3).
     exclude_special / exclude_ids / include_ids : vocabulary rows removed from the candidates.
     norm_layers, vision_layer, vision_token_offset : see :func:`compute_h0_neighbours`.
     num_layers : L, to place the early-layer window of LLM-sink discovery (default from
@@ -442,7 +442,7 @@ def categorize(
     out.mkdir(parents=True, exist_ok=True)
     voc = load_vocab(vocab)
     table, info = compute_h0_neighbours(
-        hidden, voc, k=k, exclude_special=exclude_special, exclude_ids=exclude_ids,
+        hidden, voc, k=top_k, exclude_special=exclude_special, exclude_ids=exclude_ids,
         include_ids=include_ids, norm_layers=norm_layers, vision_layer=vision_layer,
         vision_token_offset=vision_token_offset, device=device, vocab_block=vocab_block,
         query_block=query_block, max_block_bytes=max_block_bytes, progress=progress,
@@ -450,7 +450,7 @@ def categorize(
     L = num_layers_of(hidden, num_layers)
     methods_notes = [
         note("reference", "embedlens_rule",
-             f"Top-{k} cosine neighbours of h[0] among the rows of E (float32), "
+             f"Top-{top_k} cosine neighbours of h[0] among the rows of E (float32), "
              f"{len(info['excluded_ids'])} special/added rows excluded; label = first group "
              "among vit_sink, llm_sink, dead with an anchor id in the top-k, else alive."),
     ]
@@ -458,7 +458,7 @@ def categorize(
     unknown = set(configured) - set(GROUPS)
     if unknown:
         raise ValueError(f"unknown anchor groups {sorted(unknown)}; expected {GROUPS}")
-    to_discover = [g for g in GROUPS if g not in configured] if discover else []
+    to_discover = [g for g in GROUPS if g not in configured] if discover_anchors else []
     if to_discover:
         token_labels = labels.for_table(table) if labels is not None and not labels.empty else None
         used, evidence = _anchors.discover_anchors(
@@ -482,9 +482,9 @@ def categorize(
     if excluded_anchor:
         notes.append(f"anchor ids {excluded_anchor} are excluded candidates and can never match")
 
-    apply_rule(table, used, k=k, inplace=True)
+    apply_rule(table, used, k=top_k, inplace=True)
     add_neighbour_strings(table, voc.strings, inplace=True)
-    table = _order_columns(table, k)
+    table = _order_columns(table, top_k)
     hist = nearest_word_histogram(table, voc.strings, used)
     summary = summarize(table)
     anchors_doc = {
@@ -502,9 +502,9 @@ def categorize(
         "anchor_source": source,
         "anchor_sources": sources,
         "settings": {
-            "k": k, "exclude_special": exclude_special, "exclude_ids": list(map(int, exclude_ids)),
+            "top_k": top_k, "exclude_special": exclude_special, "exclude_ids": list(map(int, exclude_ids)),
             "include_ids": list(map(int, include_ids)), "vision_token_offset": vision_token_offset,
-            "discover": discover, "discovery": dict(discovery or {}), "num_layers": L,
+            "discover_anchors": discover_anchors, "discovery": dict(discovery or {}), "num_layers": L,
         },
         "excluded_ids": info["excluded_ids"],
         "excluded_strings": info["excluded_strings"],

@@ -88,8 +88,8 @@ def layer_lens(
     vocab,
     out_path: str | Path,
     *,
-    k: int = 5,
-    layers: Sequence[int] | str | None = None,
+    top_k: int = 5,
+    layers: Sequence[int] | str | None = "all",
     lm_head: Any = None,
     final_norm: Any = None,
     final_norm_applied_to_last_layer: bool | None = None,
@@ -114,7 +114,7 @@ def layer_lens(
     hidden, vocab : hidden-state store (``open_hidden``) and vocabulary store.
     out_path : the Zarr store to write (``.../lens.zarr``); written under a temporary name
         and renamed, replacing an existing one.
-    k : neighbours per token, layer and lens.
+    top_k : neighbours per token, layer and lens (the store's ``k`` dimension).
     layers : layers to process (``None``/``"all"``: every extracted layer).
     lm_head : the adapter's ``lm_head`` module (or a (V, d) weight); ``None`` → embedding
         lens only (logit variables absent, noted).
@@ -134,6 +134,7 @@ def layer_lens(
     ``final_norm_applied_by_lens (layer)``. Token strings are in the vocabulary store.
     Returns an info dict (also stored as JSON in the ``info`` attribute).
     """
+    k = int(top_k)  # the store's dimension name
     import xarray as xr
 
     t0 = time.perf_counter()
