@@ -140,12 +140,12 @@ def test_reference_rule_labels_constructed_tokens_exactly(tmp_path):
     assert t["in_vit_sink"].tolist() == [True, True, False, False, False, False]
     assert t["in_llm_sink"].tolist() == [False, False, True, False, True, False]
     assert t[["top1_id", "top2_id", "top3_id"]].to_numpy().tolist()[0] == [1, 4, 5]
-    assert (t["top1_id"] != 0).all() and summary["excluded_ids"] == [0]
-    assert summary["anchor_source"] == "configured"
-    assert summary["shares"]["topk"] == pytest.approx({"vit_sink": 2 / 6, "llm_sink": 2 / 6, "dead": 1 / 6, "alive": 1 / 6})
-    ov = np.array(summary["overlap"]["counts"])  # rows/cols: vit, llm, dead
+    assert (t["top1_id"] != 0).all() and summary["results"]["excluded_ids"] == [0]
+    assert summary["results"]["anchor_source"] == "configured"
+    assert summary["results"]["shares"]["topk"] == pytest.approx({"vit_sink": 2 / 6, "llm_sink": 2 / 6, "dead": 1 / 6, "alive": 1 / 6})
+    ov = np.array(summary["results"]["overlap"]["counts"])  # rows/cols: vit, llm, dead
     assert ov.tolist() == [[2, 0, 1], [0, 2, 1], [1, 1, 3]]
-    assert summary["overlap"]["combinations"] == {"vit_sink": 1, "vit_sink+dead": 1, "llm_sink+dead": 1,
+    assert summary["results"]["overlap"]["combinations"] == {"vit_sink": 1, "vit_sink+dead": 1, "llm_sink+dead": 1,
                                                    "llm_sink": 1, "dead": 1, "none": 1}
     assert t["top1_token"].iloc[0] == "w1"
     for f in ("categories.parquet", "nearest_words.parquet", "anchors.json", "summary.json"):
@@ -240,9 +240,9 @@ def _planted(seed: int = 0):
 def test_discovery_recovers_planted_anchors_and_tokens(tmp_path):
     store, voc, labels, kind = _planted()
     summary = categorize(store, voc, tmp_path, labels=labels, progress=False)  # discovery: no anchors configured
-    assert summary["anchor_source"] == "discovered"
-    assert summary["anchors"] == {"vit_sink": [7], "llm_sink": [11], "dead": [3]}
-    assert summary["anchor_strings"]["dead"] == ["्"]
+    assert summary["results"]["anchor_source"] == "discovered"
+    assert summary["results"]["anchors"] == {"vit_sink": [7], "llm_sink": [11], "dead": [3]}
+    assert summary["results"]["anchor_strings"]["dead"] == ["्"]
     ev = json.loads((tmp_path / "anchors.json").read_text())["evidence"]
     t = pd.read_parquet(tmp_path / "categories.parquet")
     planted_vit = {(f"img{i:03d}", j) for i, j in zip(*np.nonzero(kind == "vit"))}
@@ -261,8 +261,8 @@ def test_discovery_recovers_planted_anchors_and_tokens(tmp_path):
     exp = np.where(kind == "vit", "vit_sink", np.where(kind == "llm", "llm_sink",
                    np.where(kind == "dead", "dead", "alive"))).ravel()
     assert t["label_top1"].tolist() == exp.tolist()
-    assert t["label"].tolist() == apply_rule(t, summary["anchors"])["label"].tolist()
-    assert summary["shares"]["top1"]["alive"] == pytest.approx((kind == "alive").mean())
+    assert t["label"].tolist() == apply_rule(t, summary["results"]["anchors"])["label"].tolist()
+    assert summary["results"]["shares"]["top1"]["alive"] == pytest.approx((kind == "alive").mean())
     assert any(n["tag"] == "ours" and n["procedure"] == "anchor_discovery" for n in summary["methods_notes"])
     # vision norms: CLS offset detected, mapped 1:1
     assert np.isfinite(t["norm_vision"]).all()
@@ -297,11 +297,11 @@ def test_discovery_is_deterministic_and_degrades_with_evidence():
 def test_partial_anchor_config_discovers_the_rest(tmp_path):
     store, voc, labels, _ = _planted()
     s = categorize(store, voc, tmp_path, anchors={"dead": [5]}, labels=labels, progress=False)
-    assert s["anchors"] == {"vit_sink": [7], "llm_sink": [11], "dead": [5]}
-    assert s["anchor_sources"] == {"vit_sink": "discovered", "llm_sink": "discovered", "dead": "configured"}
-    assert s["anchor_source"] == "mixed"
+    assert s["results"]["anchors"] == {"vit_sink": [7], "llm_sink": [11], "dead": [5]}
+    assert s["results"]["anchor_sources"] == {"vit_sink": "discovered", "llm_sink": "discovered", "dead": "configured"}
+    assert s["results"]["anchor_source"] == "mixed"
     s2 = categorize(store, voc, tmp_path / "off", anchors={"dead": [5]}, discover_anchors=False, progress=False)
-    assert s2["anchors"] == {"vit_sink": [], "llm_sink": [], "dead": [5]} and s2["anchor_sources"]["vit_sink"] == "none"
+    assert s2["results"]["anchors"] == {"vit_sink": [], "llm_sink": [], "dead": [5]} and s2["results"]["anchor_sources"]["vit_sink"] == "none"
 
 
 def test_vision_norm_unmappable_is_nan_with_note():
@@ -378,7 +378,7 @@ def test_layer_lens_embedding_and_logit_lens(tmp_path):
                       num_layers=2, progress=False, vocab_block=7, max_block_bytes=1)
     lens = open_lens(tmp_path / "lens.zarr")
     assert dict(lens["emb_id"].sizes) == {"image": 3, "layer": 3, "token": 4, "k": 3}
-    assert info["final_norm_applied_by_lens"] == {"0": True, "1": True, "2": False}
+    assert info["results"]["final_norm_applied_by_lens"] == {"0": True, "1": True, "2": False}
     assert lens["emb_id"].values[2, :, 3].tolist() == [[-1] * 3] * 3
     x = torch.from_numpy(h.astype(np.float32))
     for li in range(3):
@@ -401,7 +401,7 @@ def test_layer_lens_embedding_and_logit_lens(tmp_path):
     # subset of images, no head → embedding lens only
     info2 = layer_lens(store, voc, tmp_path / "lens2.zarr", top_k=2, images=["img001"], progress=False)
     lens2 = open_lens(tmp_path / "lens2.zarr")
-    assert "logit_id" not in lens2 and lens2.sizes["image"] == 1 and not info2["logit_lens"]
+    assert "logit_id" not in lens2 and lens2.sizes["image"] == 1 and not info2["results"]["logit_lens"]
 
 
 # --------------------------------------------------------------------------- probe
@@ -443,13 +443,13 @@ def test_probe_finds_encoded_label_by_layer_with_controls(tmp_path):
     statuses = df.set_index(["feature", "group"])["status"]
     assert statuses[("h1", "dead")] == "too_few_tokens" and statuses[("h1", "sink")] == "too_few_tokens"
     assert len(df) == 3 * 4  # vision, h0, h1 × 4 groups: nothing dropped
-    test_imgs = set(s["split"]["test_images"])
+    test_imgs = set(s["results"]["split"]["test_images"])
     assert 0 < len(test_imgs) < 24
     assert ok.loc[("h1", "all"), "n_test_images"] == len(test_imgs)
     # deterministic
     s2 = probe(store, cat, labels, tmp_path / "again", n_bootstrap=50, progress=False, seed=1)
     pd.testing.assert_frame_equal(df, pd.read_parquet(tmp_path / "again" / "probe.parquet"))
-    assert s2["split"] == s["split"]
+    assert s2["results"]["split"] == s["results"]["split"]
     hit = pd.read_parquet(tmp_path / "hitk.parquet").set_index(["group", "k"])
     red_share = (cat["label"] == "alive").pipe(lambda m: (labels.for_table(cat)["colour"][m] == 0).mean())
     assert hit.loc[("alive", 1), "hit_rate"] == 0
@@ -476,11 +476,11 @@ def test_tokens_without_a_grid_are_left_out_and_counted(tmp_path):
         cat[f"top{r}_token"] = "x"
     assert (labels.for_table(cat)["colour"][cat["grid_rows"].to_numpy() == 0] == -1).all()
     s = probe(store, cat, labels, tmp_path, n_bootstrap=20, progress=False, seed=1)
-    assert s["grid_unknown"] == {"n_images": 4, "n_tokens": 4 * 16}
+    assert s["results"]["grid_unknown"] == {"n_images": 4, "n_tokens": 4 * 16}
     assert any("64 tokens of 4 image(s) whose patch grid is unknown" in n for n in s["notes"])
-    assert s["split"]["n_tokens_used"] == (24 - 4) * 16
+    assert s["results"]["split"]["n_tokens_used"] == (24 - 4) * 16
     s_known = probe(*_probe_store(), tmp_path / "known", n_bootstrap=20, progress=False, seed=1)
-    assert s_known["grid_unknown"] == {"n_images": 0, "n_tokens": 0}
+    assert s_known["results"]["grid_unknown"] == {"n_images": 0, "n_tokens": 0}
     assert not any("grid is unknown" in n for n in s_known["notes"])
 
 
@@ -488,7 +488,7 @@ def test_probe_without_labels_writes_skipped_result(tmp_path):
     store, cat, _ = _probe_store(n_img=4)
     s = probe(store, cat, None, tmp_path, progress=False)
     assert s["status"] == "skipped" and s["reason"] == "no labels"
-    assert json.loads((tmp_path / "probe_summary.json").read_text())["status"] == "skipped"
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "skipped"
     assert len(pd.read_parquet(tmp_path / "probe.parquet")) == 0
     assert len(pd.read_parquet(tmp_path / "hitk.parquet")) == 0
 
@@ -537,7 +537,7 @@ def test_align_finds_planted_layer(tmp_path):
     ts.save(tmp_path / "text.npz")
     labels = PatchLabels({"colour": names}, {"colour": colour}, [f"img{i:03d}" for i in range(n_img)])
     s = align(store, cat, tmp_path / "text.npz", labels, tmp_path, progress=False)
-    assert s["best_layer"]["h0/alive"]["layer"] == 2
+    assert s["results"]["best_layer"]["h0/alive"]["layer"] == 2
     df = pd.read_parquet(tmp_path / "align.parquet")
     nn = df[(df["measure"] == "nn_accuracy") & (df["visual"] == "h0") & (df["group"] == "all")].set_index("layer")
     assert nn.loc[2, "value"] == 1.0 and nn.loc[0, "value"] < 0.7 and nn.loc[2, "chance"] == 0.25
@@ -550,7 +550,7 @@ def test_align_finds_planted_layer(tmp_path):
     # without labels: only mean_max_cos, best layer by it
     s2 = align(store, cat, ts, None, tmp_path / "nolab", progress=False)
     assert set(pd.read_parquet(tmp_path / "nolab" / "align.parquet")["measure"]) == {"mean_max_cos"}
-    assert s2["best_layer"]["h0/all"]["criterion"] == "mean_max_cos"
+    assert s2["results"]["best_layer"]["h0/all"]["criterion"] == "mean_max_cos"
 
 
 def _tiny_llm():

@@ -68,10 +68,10 @@ def test_categorize_on_the_lazy_store_matches_brute_force(setup, tmp_path):
     s = categorize(hidden, setup["vocab"], tmp_path, labels=read_patch_labels(setup["data"]),
                    vocab_block=100, max_block_bytes=20_000, model="tiny", progress=False)
     t = pd.read_parquet(tmp_path / "categories.parquet")
-    assert len(t) == int(hidden["token_valid"].sum()) == s["n_tokens"]
+    assert len(t) == int(hidden["token_valid"].sum()) == s["results"]["n_tokens"]
     E = adapter.embedding_matrix()
     special = sorted(adapter.special_token_ids())
-    assert s["excluded_ids"] == special and adapter.image_token_id in special
+    assert s["results"]["excluded_ids"] == special and adapter.image_token_id in special
     h0 = torch.from_numpy(hidden["llm_hidden"].sel(layer=0).values)[hidden["token_valid"].values]
     cos = torch.nn.functional.normalize(h0, dim=-1) @ torch.nn.functional.normalize(E, dim=-1).T
     cos[:, special] = -torch.inf
@@ -79,7 +79,7 @@ def test_categorize_on_the_lazy_store_matches_brute_force(setup, tmp_path):
     # vision norms through the store's vision_to_llm map (CLIP: a leading CLS)
     vis = hidden["vision_hidden"].isel(vision_layer=0).values[:, 1:]
     np.testing.assert_allclose(t["norm_vision"].to_numpy(), np.linalg.norm(vis, axis=-1).ravel(), rtol=1e-5)
-    assert s["final_norm_applied_to_last_layer"] is True and s["settings"]["num_layers"] == 2
+    assert s["results"]["final_norm_applied_to_last_layer"] is True and s["settings"]["num_layers"] == 2
     assert set(t["label"]) <= {"vit_sink", "llm_sink", "dead", "alive"}
     anchors = json.loads((tmp_path / "anchors.json").read_text())
     assert anchors["source"] == "discovered" and "evidence" in anchors
@@ -89,7 +89,7 @@ def test_logit_lens_last_layer_equals_the_model_logits(setup, tmp_path):
     hidden, adapter = setup["hidden"], setup["adapter"]
     info = layer_lens(hidden, setup["vocab"], tmp_path / "lens.zarr", top_k=3, lm_head=adapter.lm_head,
                       final_norm=adapter.final_norm, exclude_special=False, progress=False)
-    assert info["num_layers"] == 2 and info["final_norm_applied_by_lens"] == {"0": True, "1": True, "2": False}
+    assert info["results"]["num_layers"] == 2 and info["results"]["final_norm_applied_by_lens"] == {"0": True, "1": True, "2": False}
     lens = open_lens(tmp_path / "lens.zarr")
     ds = load_dataset(setup["data"])
     batch = adapter.prepare([ds.image(5)], hidden.attrs["prompt"])
@@ -127,7 +127,7 @@ def test_probe_and_align_run_end_to_end(setup, tmp_path):
     a = align(hidden, tmp_path / "cat", ts, labels, tmp_path / "align", progress=False)
     out = pd.read_parquet(tmp_path / "align" / "align.parquet")
     assert set(out["measure"]) == {"mean_max_cos", "nn_accuracy", "cka"}
-    assert "h0/all" in a["best_layer"]
+    assert "h0/all" in a["results"]["best_layer"]
     # the word state of a vocabulary word at layer 0 is its input embedding
     E = load_vocab(setup["vocab"]).embedding
     key = ts.word_keys.index(("_generic", "dog"))

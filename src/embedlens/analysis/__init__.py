@@ -10,7 +10,7 @@ files into an output directory; output names and columns: docs/architecture.md,
 "Analysis outputs".
 """
 
-from .align import TextStates, align, build_prompts, collect_text_states, linear_cka
+from .align import TextStates, align, build_prompts, collect_text_states, linear_cka, read_align
 from .anchors import discover_anchors
 from .categorize import (
     GROUPS,
@@ -21,10 +21,12 @@ from .categorize import (
     categorize,
     compute_h0_neighbours,
     read_categories,
+    read_categorize,
 )
 from .labels import PatchLabels, read_patch_labels
-from .lens import layer_lens, open_lens
-from .probe import hit_at_k, probe
+from .lens import layer_lens, open_lens, read_lens
+from .outputs import SUMMARY_KEYS, StepOutputs, SummaryError, read_step, read_summary
+from .probe import hit_at_k, probe, read_probe
 from .settings import config_kwargs
 from .vocab import Vocab, VocabIndex, load_vocab
 
@@ -34,4 +36,7 @@ __all__ = [
     "align", "apply_rule", "build_prompts", "categorize", "collect_text_states", "config_kwargs",
     "compute_h0_neighbours", "discover_anchors", "hit_at_k", "layer_lens", "linear_cka",
     "load_vocab", "open_lens", "probe", "read_categories", "read_patch_labels",
+    # each step's outputs (the one summary shape: SUMMARY_KEYS)
+    "SUMMARY_KEYS", "StepOutputs", "SummaryError", "read_align", "read_categorize", "read_lens",
+    "read_probe", "read_step", "read_summary",
 ]

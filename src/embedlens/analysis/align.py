@@ -52,11 +52,18 @@ from embedlens.runtime import progress_bar, resolve_device
 
 from .common import layer_values
 from .labels import PatchLabels, grid_unknown_tokens
-from .outputs import note, write_json, write_parquet
+from .outputs import (
+    StepOutputs,
+    note,
+    read_step,
+    step_summary,
+    write_json,
+    write_parquet,
+)
 from .probe import _gather_features, resolve_groups
 from .vocab import VocabIndex
 
-OUTPUT_FILES = {"align": "align.parquet", "summary": "align_summary.json"}
+OUTPUT_FILES = {"align": "align.parquet", "summary": "summary.json"}
 GENERIC_TASK = "_generic"
 
 DEFAULT_TEMPLATES: dict[str, list[str]] = {
@@ -311,7 +318,7 @@ def align(
     dataset: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Compute the alignment curves and write ``align.parquet`` + ``align_summary.json``.
+    """Compute the alignment curves and write ``align.parquet`` + ``summary.json``.
 
     Parameters (config knobs)
     -------------------------
@@ -464,5 +471,17 @@ def align(
         "files": dict(OUTPUT_FILES),
     }
     write_parquet(df, out / OUTPUT_FILES["align"])
+    summary = step_summary("align", summary)
     write_json(summary, out / OUTPUT_FILES["summary"])
     return summary
+
+
+def read_align(out_dir: str | Path) -> StepOutputs:
+    """The align step's outputs in ``out_dir`` (summary + tables by name).
+
+    Raises
+    ------
+    embedlens.analysis.outputs.SummaryError
+        no ``summary.json`` there, or not the align step's (names the file and what to do).
+    """
+    return read_step(out_dir, "align")

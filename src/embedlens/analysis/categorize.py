@@ -41,7 +41,14 @@ from .common import (
     valid_mask,
 )
 from .labels import PatchLabels, grid_unknown_tokens
-from .outputs import note, write_json, write_parquet
+from .outputs import (
+    StepOutputs,
+    note,
+    read_step,
+    step_summary,
+    write_json,
+    write_parquet,
+)
 from .vocab import VocabIndex, excluded_ids, load_vocab
 
 GROUPS = ("vit_sink", "llm_sink", "dead")
@@ -524,6 +531,7 @@ def categorize(
     write_parquet(table, out / OUTPUT_FILES["categories"])
     write_parquet(hist, out / OUTPUT_FILES["nearest_words"])
     write_json(anchors_doc, out / OUTPUT_FILES["anchors"])
+    summary = step_summary("categorize", summary)
     write_json(summary, out / OUTPUT_FILES["summary"])
     return summary
 
@@ -534,3 +542,14 @@ def read_categories(out_dir: str | Path) -> pd.DataFrame:
     if p.is_dir():
         p = p / OUTPUT_FILES["categories"]
     return pd.read_parquet(p)
+
+
+def read_categorize(out_dir: str | Path) -> StepOutputs:
+    """The categorize step's outputs in ``out_dir`` (summary + tables by name).
+
+    Raises
+    ------
+    embedlens.analysis.outputs.SummaryError
+        no ``summary.json`` there, or not the categorize step's (names the file and what to do).
+    """
+    return read_step(out_dir, "categorize")

@@ -17,7 +17,6 @@ never recompute them; dims ``(image, layer, token, k)``.
 from __future__ import annotations
 
 import copy
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,10 +35,17 @@ from .common import (
     num_layers_of,
     valid_mask,
 )
-from .outputs import note
+from .outputs import (
+    StepOutputs,
+    note,
+    read_step,
+    step_summary,
+    write_json,
+)
 from .vocab import VocabIndex, excluded_ids, load_vocab
 
-LENS_FILE = "lens.zarr"
+#: Files of the step's directory.
+OUTPUT_FILES = {"lens": "lens.zarr", "summary": "summary.json"}
 
 
 def _as_bool(x: Any) -> bool | None:
@@ -86,7 +92,7 @@ def select_images(hidden, images: Sequence[Any] | None = None, max_images: int |
 def layer_lens(
     hidden,
     vocab,
-    out_path: str | Path,
+    out_dir: str | Path,
     *,
     top_k: int = 5,
     layers: Sequence[int] | str | None = "all",
@@ -112,8 +118,9 @@ def layer_lens(
     Parameters (config knobs)
     -------------------------
     hidden, vocab : hidden-state store (``open_hidden``) and vocabulary store.
-    out_path : the Zarr store to write (``.../lens.zarr``); written under a temporary name
-        and renamed, replacing an existing one.
+    out_dir : the step's directory: ``lens.zarr`` (written under a temporary name and
+        renamed) and ``summary.json`` (the one summary shape, ``outputs.SUMMARY_KEYS``);
+        ``lens.zarr``        and renamed, replacing an existing one.
     top_k : neighbours per token, layer and lens (the store's ``k`` dimension).
     layers : layers to process (``None``/``"all"``: every extracted layer).
     lm_head : the adapter's ``lm_head`` module (or a (V, d) weight); ``None`` → embedding
@@ -132,7 +139,7 @@ def layer_lens(
     ``logit`` float32, ``logprob`` float32. Coords: ``image_id``, ``layer``, ``token``,
     ``k`` (rank 1..k), ``patch_row``, ``patch_col``, ``token_valid``,
     ``final_norm_applied_by_lens (layer)``. Token strings are in the vocabulary store.
-    Returns an info dict (also stored as JSON in the ``info`` attribute).
+    Returns the step summary (also written to ``summary.json``).
     """
     k = int(top_k)  # the store's dimension name
     import xarray as xr
@@ -182,10 +189,15 @@ def layer_lens(
     T = hidden.sizes["token"]
     itemsize = np.dtype(llm.dtype).itemsize
     per_image = len(layers) * T * hidden.sizes["dim"] * itemsize
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    out_path = out / OUTPUT_FILES["lens"]
     info = {
-        "model": model, "dataset": dataset, "k": int(k), "layers": layers, "num_layers": L,
+        "model": model, "dataset": dataset,
+        "settings": {"top_k": k, "layers": layers, "max_images": max_images,
+                     "exclude_special": exclude_special, "exclude_ids": list(map(int, exclude_ids)),
+                     "include_ids": list(map(int, include_ids))},
+        "k": int(k), "layers": layers, "num_layers": L,
         "final_norm_applied_to_last_layer": applied_last,
         "final_norm_applied_by_lens": {str(l): v for l, v in norm_by_layer.items()},
         "logit_lens": logit_index is not None,
@@ -243,7 +255,6 @@ def layer_lens(
                     coords[c] = (("image", "token"), np.asarray(hidden[c].values)[sel].astype(np.int32))
             ds = xr.Dataset({n: (dims, v) for n, v in res.items()}, coords=coords)
             if first:
-                ds.attrs["info"] = json.dumps(info)
                 enc = {n: {"chunks": (max(1, nb), 1, T, k)} for n in res}
                 ds.to_zarr(tmp, mode="w", encoding=enc, consolidated=False, zarr_format=3)
                 first = False
@@ -252,16 +263,30 @@ def layer_lens(
             del arr
         if first:
             raise ValueError("layer lens: no images selected")
-        info["seconds"] = time.perf_counter() - t0
-        import zarr
-
-        g = zarr.open_group(str(tmp), mode="r+")
-        g.attrs["info"] = json.dumps(info)
-    return info
+    info["seconds"] = time.perf_counter() - t0
+    info["files"] = dict(OUTPUT_FILES)
+    summary = step_summary("lens", info)
+    write_json(summary, out / OUTPUT_FILES["summary"])
+    return summary
 
 
 def open_lens(path: str | Path):
-    """Open a ``lens.zarr`` written by :func:`layer_lens` (lazy xarray Dataset)."""
+    """Open the lens store written by :func:`layer_lens` (lazy xarray Dataset); ``path``
+    is the step's directory or its ``lens.zarr``."""
     import xarray as xr
 
-    return xr.open_zarr(path, consolidated=False)
+    p = Path(path)
+    if (p / OUTPUT_FILES["lens"]).exists():
+        p = p / OUTPUT_FILES["lens"]
+    return xr.open_zarr(p, consolidated=False)
+
+
+def read_lens(out_dir: str | Path) -> StepOutputs:
+    """The lens step's outputs in ``out_dir`` (summary + tables by name).
+
+    Raises
+    ------
+    embedlens.analysis.outputs.SummaryError
+        no ``summary.json`` there, or not the lens step's (names the file and what to do).
+    """
+    return read_step(out_dir, "lens")

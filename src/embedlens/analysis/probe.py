@@ -29,7 +29,7 @@ from the group's label distribution: the hit rate a token would get without enco
 own label).
 
 A data set without labels writes the same files with no rows and
-``status: "skipped"``, ``reason: "no labels"`` in ``probe_summary.json``.
+``status: "skipped"``, ``reason: "no labels"`` in ``summary.json``.
 """
 
 from __future__ import annotations
@@ -48,10 +48,17 @@ from embedlens.runtime import progress_bar
 
 from .common import image_blocks, layer_values, valid_mask
 from .labels import PatchLabels, grid_unknown_tokens
-from .outputs import note, write_json, write_parquet
+from .outputs import (
+    StepOutputs,
+    note,
+    read_step,
+    step_summary,
+    write_json,
+    write_parquet,
+)
 from .vocab import load_vocab, normalize_word
 
-OUTPUT_FILES = {"probe": "probe.parquet", "hitk": "hitk.parquet", "summary": "probe_summary.json"}
+OUTPUT_FILES = {"probe": "probe.parquet", "hitk": "hitk.parquet", "summary": "summary.json"}
 
 GROUP_DEFS: dict[str, tuple[str, ...] | None] = {
     "all": None,
@@ -295,8 +302,8 @@ def _with_neighbours(cat: pd.DataFrame, hidden, vocab, k: int, exclude_ids, img_
 def _skipped(out: Path, reason: str, extra: dict[str, Any]) -> dict[str, Any]:
     write_parquet(pd.DataFrame({c: pd.Series(dtype="float64") for c in PROBE_COLUMNS}), out / OUTPUT_FILES["probe"])
     write_parquet(pd.DataFrame({c: pd.Series(dtype="float64") for c in HITK_COLUMNS}), out / OUTPUT_FILES["hitk"])
-    summary = {"status": "skipped", "reason": reason, **extra,
-               "methods_notes": [], "files": dict(OUTPUT_FILES)}
+    summary = step_summary("probe", {"status": "skipped", "reason": reason, **extra,
+                                     "methods_notes": [], "files": dict(OUTPUT_FILES)})
     write_json(summary, out / OUTPUT_FILES["summary"])
     return summary
 
@@ -333,7 +340,7 @@ def probe(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run the probes and the hit@k check; write ``probe.parquet``, ``hitk.parquet`` and
-    ``probe_summary.json`` into ``out_dir``.
+    ``summary.json`` into ``out_dir``.
 
     Parameters (config knobs)
     -------------------------
@@ -573,5 +580,17 @@ def probe(
     }
     write_parquet(table, out / OUTPUT_FILES["probe"])
     write_parquet(hit, out / OUTPUT_FILES["hitk"])
+    summary = step_summary("probe", summary)
     write_json(summary, out / OUTPUT_FILES["summary"])
     return summary
+
+
+def read_probe(out_dir: str | Path) -> StepOutputs:
+    """The probe step's outputs in ``out_dir`` (summary + tables by name).
+
+    Raises
+    ------
+    embedlens.analysis.outputs.SummaryError
+        no ``summary.json`` there, or not the probe step's (names the file and what to do).
+    """
+    return read_step(out_dir, "probe")

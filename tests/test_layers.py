@@ -1,0 +1,86 @@
+"""The import-layering contract (pyproject.toml [tool.importlinter]) and no import cycles.
+
+Runs the real `lint-imports` on the package, then on a copy of it with one planted
+upward import (the store importing the CLI), which must break the contract.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LINT = Path(sys.executable).with_name("lint-imports")
+
+
+def _lint(src: Path) -> subprocess.CompletedProcess:
+    # The copy under `src` must be the one grimp imports: it comes first on the path.
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    return subprocess.run([str(LINT), "--config", str(ROOT / "pyproject.toml"), "--no-cache"],
+                          cwd=src, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_layering_contract_holds():
+    res = _lint(ROOT / "src")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "1 kept, 0 broken" in res.stdout
+
+
+def test_planted_upward_import_breaks_the_contract(tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "src" / "embedlens", src / "embedlens",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.safetensors"))
+    store = src / "embedlens" / "store.py"
+    store.write_text(store.read_text() + "\n\nimport embedlens.cli  # planted: bottom imports top\n")
+    res = _lint(src)
+    assert res.returncode != 0
+    assert "BROKEN" in res.stdout and "embedlens.store -> embedlens.cli" in res.stdout
+
+
+def _cycles(package: str) -> list[list[str]]:
+    """Strongly connected components (> 1 module) of the module import graph (Tarjan)."""
+    import grimp
+
+    graph = grimp.build_graph(package)
+    adj = {m: sorted(graph.find_modules_directly_imported_by(m)) for m in sorted(graph.modules)}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in adj[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for m in adj:
+        if m not in index:
+            visit(m)
+    return out
+
+
+def test_no_import_cycles():
+    pytest.importorskip("grimp")
+    assert _cycles("embedlens") == []
