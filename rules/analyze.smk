@@ -28,7 +28,7 @@ rule compute_lens:
         hidden="results/hidden/{model}/{dataset}/hidden.json",
         vocab="results/hidden/{model}/vocab.zarr",
     output:
-        directory("results/analysis/{model}/{dataset}/lens.zarr"),
+        directory("results/analysis/{model}/{dataset}/lens"),
     params:
         model_dir=lambda wc: model_dir(wc.model),
         settings=section("lens"),
@@ -69,7 +69,7 @@ rule collect_text_states:
         model=model_input,
         dataset="results/datasets/{dataset}",
     output:
-        "results/analysis/{model}/{dataset}/text_states.npz",
+        directory("results/analysis/{model}/{dataset}/text_states"),
     params:
         model_dir=lambda wc: model_dir(wc.model),
         settings=lambda wc: json.dumps({"extra_words": CFG["align"]["extra_words"]}),
@@ -84,20 +84,20 @@ rule collect_text_states:
     shell:
         "embedlens text-states --model-dir {params.model_dir:q} {params.trust} "
         "--dataset-dir {input.dataset} --settings {params.settings:q} "
-        "--device {params.device} --out {output} > {log} 2>&1"
+        "--device {params.device} --model-name {wildcards.model} "
+        "--dataset-name {wildcards.dataset} --out {output} > {log} 2>&1"
 
 
 rule align_layers:
     input:
         hidden="results/hidden/{model}/{dataset}/hidden.json",
         categories="results/analysis/{model}/{dataset}/categorize",
-        text_states="results/analysis/{model}/{dataset}/text_states.npz",
+        text_states="results/analysis/{model}/{dataset}/text_states",
         dataset="results/datasets/{dataset}",
     output:
         directory("results/analysis/{model}/{dataset}/align"),
     params:
-        settings=lambda wc: json.dumps(
-            {k: v for k, v in CFG["align"].items() if k != "extra_words"}, sort_keys=True),
+        settings=lambda wc: json.dumps(CFG["align"], sort_keys=True),
     log:
         "logs/align_layers/{model}/{dataset}.log",
     conda:

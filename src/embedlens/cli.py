@@ -136,80 +136,51 @@ def cmd_eval_model(args) -> int:
     return 0
 
 
-def _open_index(path):
-    """The joined hidden-state store of a model x data set, from its hidden.json index."""
-    from .store import open_hidden
-
-    return open_hidden(json.loads(Path(path).read_text())["shards"])
-
-
-def _labels(dataset_dir):
-    from .analysis import read_patch_labels
-
-    meta = json.loads((Path(dataset_dir) / "dataset.json").read_text())
-    return read_patch_labels(dataset_dir) if meta.get("label_tasks") else None
-
-
 def cmd_categorize(args) -> int:
-    from .analysis import categorize, config_kwargs
+    from .analysis.steps import categorize_step
 
-    summary = categorize(_open_index(args.hidden), args.vocab, args.out,
-                         anchors=args.anchors or None, labels=_labels(args.dataset_dir),
-                         model=args.model_name, dataset=args.dataset_name,
-                         **config_kwargs("categorize", args.settings))
-    print(f"{args.out}: alive share (top-k) {summary['shares']['topk'].get('alive', 0):.3f}, "
-          f"anchors {summary['anchors']}")
+    s = categorize_step(args.hidden, args.vocab, args.dataset_dir, args.out, args.settings,
+                        anchors=args.anchors, model=args.model_name, dataset=args.dataset_name)
+    print(f"{args.out}: alive share (top-k) {s['results']['shares']['topk'].get('alive', 0):.3f}, "
+          f"anchors {s['results']['anchors']}")
     return 0
 
 
 def cmd_lens(args) -> int:
-    from .analysis import config_kwargs, layer_lens
-    from .models.adapter import VLMAdapter
+    from .analysis.steps import lens_step
 
-    adapter = VLMAdapter.load(args.model_dir, dtype="float32", device="cpu",
-                              trust_remote_code=args.trust_remote_code)
-    layer_lens(_open_index(args.hidden), args.vocab, args.out, lm_head=adapter.lm_head,
-               final_norm=adapter.final_norm, model=args.model_name, dataset=args.dataset_name,
-               **config_kwargs("lens", args.settings))
+    lens_step(args.hidden, args.vocab, args.model_dir, args.out, args.settings,
+              model=args.model_name, dataset=args.dataset_name,
+              trust_remote_code=args.trust_remote_code)
     print(f"{args.out}: written")
     return 0
 
 
 def cmd_text_states(args) -> int:
-    from .analysis import build_prompts, collect_text_states
-    from .models.adapter import VLMAdapter
-    from .runtime import resolve_device
+    from .analysis.steps import text_states_step
 
-    meta = json.loads((Path(args.dataset_dir) / "dataset.json").read_text())
-    device = resolve_device(args.device)
-    adapter = VLMAdapter.load(args.model_dir, dtype="float32", device=device,
-                              trust_remote_code=args.trust_remote_code)
-    prompts = build_prompts(meta.get("label_tasks") or None,
-                            extra_words=args.settings.get("extra_words", ()))
-    states = collect_text_states(adapter.model, adapter.tokenizer, prompts, device=device)
-    states.save(args.out)
-    print(f"{args.out}: {len(prompts)} prompts")
+    s = text_states_step(args.model_dir, args.dataset_dir, args.out, args.settings, device=args.device,
+                         model=args.model_name, dataset=args.dataset_name,
+                         trust_remote_code=args.trust_remote_code)
+    print(f"{args.out}: {s['results']['n_prompts']} prompts")
     return 0
 
 
 def cmd_probe(args) -> int:
-    from .analysis import config_kwargs, probe
+    from .analysis.steps import probe_step
 
-    summary = probe(_open_index(args.hidden), Path(args.categories) / "categories.parquet",
-                    _labels(args.dataset_dir), args.out, model=args.model_name,
-                    dataset=args.dataset_name, **config_kwargs("probe", args.settings))
-    print(f"{args.out}: {summary.get('status')}")
+    s = probe_step(args.hidden, args.categories, args.dataset_dir, args.out, args.settings,
+                   model=args.model_name, dataset=args.dataset_name)
+    print(f"{args.out}: {s['status']}")
     return 0
 
 
 def cmd_align(args) -> int:
-    from .analysis import TextStates, align, config_kwargs
+    from .analysis.steps import align_step
 
-    summary = align(_open_index(args.hidden), Path(args.categories) / "categories.parquet",
-                    TextStates.load(args.text_states), _labels(args.dataset_dir), args.out,
-                    model=args.model_name, dataset=args.dataset_name,
-                    **config_kwargs("align", args.settings))
-    print(f"{args.out}: best layers {summary.get('best_layer')}")
+    s = align_step(args.hidden, args.categories, args.text_states, args.dataset_dir, args.out,
+                   args.settings, model=args.model_name, dataset=args.dataset_name)
+    print(f"{args.out}: best layers {s['results'].get('best_layer')}")
     return 0
 
 
@@ -339,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = analysis_parser("align", "layer alignment with text states (methods.md 3)")
     s.add_argument("--categories", required=True)
-    s.add_argument("--text-states", required=True)
+    s.add_argument("--text-states", required=True, help="the text-states output directory")
     s.set_defaults(func=cmd_align)
 
     s = analysis_parser("compress", "compression benchmark (methods.md 4)", hidden=False,

@@ -64,6 +64,8 @@ from .probe import _gather_features, resolve_groups
 from .vocab import VocabIndex
 
 OUTPUT_FILES = {"align": "align.parquet", "summary": "summary.json"}
+#: The text-states step's file (beside its summary.json).
+TEXT_STATES_FILE = "text_states.npz"
 GENERIC_TASK = "_generic"
 
 DEFAULT_TEMPLATES: dict[str, list[str]] = {
@@ -164,7 +166,12 @@ class TextStates:
 
     @classmethod
     def load(cls, path: str | Path) -> "TextStates":
-        with np.load(path, allow_pickle=False) as z:
+        """Read text states saved by :meth:`save` (``path``: the ``.npz`` or the text-states
+        step's directory holding ``text_states.npz``)."""
+        p = Path(path)
+        if p.is_dir():
+            p = p / TEXT_STATES_FILE
+        with np.load(p, allow_pickle=False) as z:
             keys = [tuple(str(k).split("\t", 1)) for k in z["word_keys"]]
             return cls([int(x) for x in z["layers"]], z["positions"], keys, z["words"])
 

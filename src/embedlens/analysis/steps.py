@@ -1,0 +1,117 @@
+"""Each analysis step as the workflow runs it: from files to files.
+
+The entry points (:func:`categorize`, :func:`layer_lens`, :func:`probe`, :func:`align`)
+take opened data; these functions take what a Snakemake rule has, paths and the config
+section, open what the step needs (the ``hidden.json`` index, the data set's patch
+labels, the model for the lens heads and the text states) and call the entry point.
+``embedlens <step>`` only parses arguments and calls them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from embedlens.runtime import resolve_device
+from embedlens.store import open_index
+
+from .align import TEXT_STATES_FILE, TextStates, align, build_prompts, collect_text_states
+from .categorize import OUTPUT_FILES as CATEGORIZE_FILES
+from .categorize import categorize
+from .labels import PatchLabels, read_patch_labels
+from .lens import layer_lens
+from .outputs import note, step_summary, write_json
+from .probe import probe
+from .settings import config_kwargs
+
+
+def dataset_labels(dataset_dir: str | Path | None) -> PatchLabels | None:
+    """The patch labels of a materialized data set, or None when it has none (a folder of
+    the user's images): the label-based measures are then skipped and say so."""
+    if dataset_dir is None:
+        return None
+    meta = json.loads((Path(dataset_dir) / "dataset.json").read_text())
+    return read_patch_labels(dataset_dir) if meta.get("label_tasks") else None
+
+
+def _categories(path: str | Path) -> Path:
+    p = Path(path)
+    return p / CATEGORIZE_FILES["categories"] if p.is_dir() else p
+
+
+def categorize_step(hidden_index, vocab, dataset_dir, out_dir, settings: Mapping[str, Any] | None = None, *,
+                    anchors: Mapping[str, Any] | None = None, model: str | None = None,
+                    dataset: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """``embedlens categorize``: :func:`categorize` on the store of ``hidden_index``."""
+    return categorize(open_index(hidden_index), vocab, out_dir, anchors=anchors or None,
+                      labels=dataset_labels(dataset_dir), model=model, dataset=dataset,
+                      progress=progress, **config_kwargs("categorize", dict(settings or {})))
+
+
+def lens_step(hidden_index, vocab, model_dir, out_dir, settings: Mapping[str, Any] | None = None, *,
+              model: str | None = None, dataset: str | None = None,
+              trust_remote_code: bool = False, progress: bool = True) -> dict[str, Any]:
+    """``embedlens lens``: :func:`layer_lens` with the model's own ``lm_head`` and final norm
+    (loaded in float32 on the CPU: only those two modules are used)."""
+    from embedlens.models.adapter import VLMAdapter
+
+    adapter = VLMAdapter.load(str(model_dir), dtype="float32", device="cpu",
+                              trust_remote_code=trust_remote_code)
+    return layer_lens(open_index(hidden_index), vocab, out_dir, lm_head=adapter.lm_head,
+                      final_norm=adapter.final_norm, model=model, dataset=dataset,
+                      progress=progress, **config_kwargs("lens", dict(settings or {})))
+
+
+def text_states_step(model_dir, dataset_dir, out_dir, settings: Mapping[str, Any] | None = None, *,
+                     device: str = "auto", model: str | None = None, dataset: str | None = None,
+                     trust_remote_code: bool = False, progress: bool = True) -> dict[str, Any]:
+    """``embedlens text-states``: the reference text states for :func:`align` — label-word
+    captions of the data set (plus ``extra_words``) run through the model's LLM; writes
+    ``text_states.npz`` and ``summary.json`` into ``out_dir``."""
+    from embedlens.models.adapter import VLMAdapter
+
+    t0 = time.perf_counter()
+    settings = dict(settings or {})
+    prompt_keys = ("templates", "compositions", "extra_words")
+    meta = json.loads((Path(dataset_dir) / "dataset.json").read_text())
+    dev = resolve_device(device)
+    adapter = VLMAdapter.load(str(model_dir), dtype="float32", device=dev,
+                              trust_remote_code=trust_remote_code)
+    prompts = build_prompts(meta.get("label_tasks") or None,
+                            **{k: settings[k] for k in prompt_keys if settings.get(k) is not None})
+    states = collect_text_states(adapter.model, adapter.tokenizer, prompts, device=dev, progress=progress)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    states.save(out / TEXT_STATES_FILE)
+    summary = step_summary("text_states", {
+        "model": model, "dataset": dataset,
+        "settings": {k: settings.get(k) for k in prompt_keys},
+        "seconds": time.perf_counter() - t0,
+        "methods_notes": [note("ours", "text_states",
+                               "Label-word captions and a generic word list run through the LLM "
+                               "text-only; a word's state per layer is the mean over its occurrences.")],
+        "files": {"text_states": TEXT_STATES_FILE, "summary": "summary.json"},
+        "n_prompts": len(prompts), "layers": states.layers, "n_words": len(states.word_keys),
+    })
+    write_json(summary, out / "summary.json")
+    return summary
+
+
+def probe_step(hidden_index, categories, dataset_dir, out_dir, settings: Mapping[str, Any] | None = None, *,
+               model: str | None = None, dataset: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """``embedlens probe``: :func:`probe` (``categories``: the categorize directory)."""
+    return probe(open_index(hidden_index), _categories(categories), dataset_labels(dataset_dir), out_dir,
+                 model=model, dataset=dataset, progress=progress,
+                 **config_kwargs("probe", dict(settings or {})))
+
+
+def align_step(hidden_index, categories, text_states, dataset_dir, out_dir,
+               settings: Mapping[str, Any] | None = None, *, model: str | None = None,
+               dataset: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """``embedlens align``: :func:`align` (``text_states``: the text-states directory)."""
+    return align(open_index(hidden_index), _categories(categories), TextStates.load(text_states),
+                 dataset_labels(dataset_dir), out_dir, model=model, dataset=dataset, progress=progress,
+                 **config_kwargs("align", dict(settings or {})))
