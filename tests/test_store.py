@@ -5,7 +5,8 @@ import pytest
 import xarray as xr
 
 from embedlens.store import (ShardWriter, StoreOverflowError, atomic_directory, open_hidden,
-                             open_shard, open_vocab, write_vocab)
+                             open_index, open_shard, open_vocab, read_index, write_index,
+                             write_vocab)
 
 
 def _write(path, counts, seed=0, dtype="float16", scale=1.0):
@@ -75,6 +76,20 @@ def test_open_hidden_pads_different_token_counts(tmp_path):
                                         "shard-0001.zarr-0", "shard-0001.zarr-1"]
     assert ds.token_valid.values.sum(axis=1).tolist() == [4, 4, 6, 2]
     assert np.isnan(ds.llm_hidden.isel(image=0, token=5).values).all()
+
+
+def test_index_lists_the_shards_and_opens_them_joined(tmp_path):
+    a = _write(tmp_path / "shard-0000.zarr", [4, 4], seed=0)
+    b = _write(tmp_path / "shard-0001.zarr", [6, 2], seed=1)
+    index = write_index([b, a], tmp_path / "hidden.json")
+    assert read_index(tmp_path / "hidden.json") == index
+    assert index["shards"] == [str(a), str(b)] and index["n_images"] == 4
+    assert index["layers"] == [0, 1, 2] and index["max_tokens"] == 6 and index["model"] == "m"
+    joined = open_index(tmp_path / "hidden.json")
+    assert joined.sizes["image"] == 4 and joined.token_valid.values.sum() == 16
+    (tmp_path / "other.json").write_text("{}")
+    with pytest.raises(KeyError, match="not a hidden-state index"):
+        read_index(tmp_path / "other.json")
 
 
 def test_vocab_store(tmp_path):

@@ -76,30 +76,18 @@ def cmd_extract(args) -> int:
 
 
 def cmd_index_hidden(args) -> int:
-    from .store import open_hidden, open_shard
+    from .store import write_index
 
-    ds = open_hidden(args.shards)
-    # per-shard records that a join of attributes would drop: images left out, fallbacks
-    shards = [open_shard(p) for p in sorted(map(str, args.shards))]
-    skipped = [rec for sh in shards for rec in sh.attrs.get("skipped_images") or []]
-    notes = [note for sh in shards for note in sh.attrs.get("extraction_notes") or []]
-    index = {"shards": [str(p) for p in sorted(args.shards)],
-             "n_images": int(ds.sizes["image"]), "layers": [int(x) for x in ds["layer"].values],
-             "max_tokens": int(ds.sizes["token"]),
-             "n_grid_unknown": int((~ds["grid_known"].values.astype(bool)).sum()) if "grid_known" in ds else 0,
-             "skipped_images": skipped, "extraction_notes": notes,
-             "model": ds.attrs.get("model"), "settings_hash": ds.attrs.get("settings_hash")}
-    Path(args.out).write_text(json.dumps(index, indent=2))
-    print(json.dumps(index, indent=2))
+    print(json.dumps(write_index(args.shards, args.out), indent=2))
     return 0
 
 
 def cmd_info(args) -> int:
-    from .store import open_hidden
+    from .store import open_hidden, read_index
 
     paths = args.paths
     if len(paths) == 1 and paths[0].endswith(".json"):
-        paths = json.loads(Path(paths[0]).read_text())["shards"]
+        paths = read_index(paths[0])["shards"]
     print(open_hidden(paths))
     return 0
 
@@ -138,9 +126,9 @@ def cmd_eval_model(args) -> int:
 
 def _open_index(path):
     """The joined hidden-state store of a model x data set, from its hidden.json index."""
-    from .store import open_hidden
+    from .store import open_index
 
-    return open_hidden(json.loads(Path(path).read_text())["shards"])
+    return open_index(path)
 
 
 def _labels(dataset_dir):

@@ -17,6 +17,7 @@ from typing import Iterable, Sequence
 import warnings
 
 import numpy as np
+import pandas as pd
 import xarray as xr
 import zarr
 
@@ -248,8 +249,15 @@ def open_hidden(paths: Iterable[str | Path]) -> xr.Dataset:
 
     Shards whose token counts differ are padded with NaN and ``token_valid = False``
     (xarray's outer join on the ``token`` coordinate).
+
+    Raises:
+        ValueError: No path given.
+        FileNotFoundError, RuntimeError: A shard is missing or incomplete (see `open_shard`).
     """
-    shards = [open_shard(p) for p in sorted(map(str, paths))]
+    return _join([open_shard(p) for p in sorted(map(str, paths))])
+
+
+def _join(shards: list[xr.Dataset]) -> xr.Dataset:
     if not shards:
         raise ValueError("open_hidden: no shard paths given")
     if len(shards) == 1:
@@ -261,6 +269,163 @@ def open_hidden(paths: Iterable[str | Path]) -> xr.Dataset:
     return joined
 
 
+# --------------------------------------------------------------------------- hidden.json
+def write_index(shards: Iterable[str | Path], out: str | Path) -> dict:
+    """Check that the shards of a model x data set open and join, and write their index
+    ``hidden.json`` (the file analyses take): shard paths, sizes, layers, and the per-shard
+    records that a join of attributes would drop (images left out, fallbacks taken).
+    Returns the index.
+
+    Raises:
+        ValueError: No shard given.
+        FileNotFoundError, RuntimeError: A shard is missing or incomplete (see `open_shard`).
+    """
+    paths = sorted(map(str, shards))
+    opened = [open_shard(p) for p in paths]
+    ds = _join(opened)
+    skipped = [rec for sh in opened for rec in sh.attrs.get("skipped_images") or []]
+    notes = [note for sh in opened for note in sh.attrs.get("extraction_notes") or []]
+    index = {"shards": paths,
+             "n_images": int(ds.sizes["image"]), "layers": [int(x) for x in ds["layer"].values],
+             "max_tokens": int(ds.sizes["token"]),
+             "n_grid_unknown": int((~ds["grid_known"].values.astype(bool)).sum()) if "grid_known" in ds else 0,
+             "skipped_images": skipped, "extraction_notes": notes,
+             "model": ds.attrs.get("model"), "settings_hash": ds.attrs.get("settings_hash")}
+    Path(out).write_text(json.dumps(index, indent=2))
+    return index
+
+
+def read_index(path: str | Path) -> dict:
+    """The ``hidden.json`` index written by `write_index`, as a dict.
+
+    Raises:
+        FileNotFoundError: No such file.
+        KeyError: The file lists no ``shards`` (not an index).
+    """
+    index = json.loads(Path(path).read_text())
+    if "shards" not in index:
+        raise KeyError(f"{path}: not a hidden-state index (no 'shards'); written by `embedlens index-hidden`")
+    return index
+
+
+def open_index(path: str | Path) -> xr.Dataset:
+    """The joined hidden-state store of a model x data set, from its ``hidden.json`` index.
+
+    Raises:
+        FileNotFoundError, KeyError: No index there, or not an index (see `read_index`).
+        RuntimeError: A listed shard is incomplete (see `open_shard`); FileNotFoundError when one is gone.
+    """
+    return open_hidden(read_index(path)["shards"])
+
+
+# --------------------------------------------------------------------------- readers
+# Work on any ``xarray.Dataset`` in the store format (lazy from `open_hidden`, or built in
+# memory by a test); a missing optional coordinate gets its documented default.
+def token_index(hidden) -> pd.DataFrame:
+    """One row per *valid* visual token of a hidden-state store (``open_hidden`` dataset):
+    ``image`` (position along the image dim), ``image_id``, ``token``, ``patch_row``,
+    ``patch_col``, ``grid_rows``, ``grid_cols``. Row order = image, then token.
+
+    Raises:
+        KeyError: ``hidden`` has no ``image`` or ``token`` dimension.
+    """
+    n_img = hidden.sizes["image"]
+    n_tok = hidden.sizes["token"]
+    valid = (
+        np.asarray(hidden["token_valid"].values, dtype=bool)
+        if "token_valid" in hidden.variables
+        else np.ones((n_img, n_tok), dtype=bool)
+    )
+    img, tok = np.nonzero(valid)
+
+    def coord2(name: str) -> np.ndarray:
+        if name in hidden.variables:
+            return np.asarray(hidden[name].values)[img, tok].astype(np.int32)
+        return np.full(img.shape, -1, dtype=np.int32)
+
+    def coord1(name: str) -> np.ndarray:
+        if name in hidden.variables:
+            return np.asarray(hidden[name].values)[img].astype(np.int32)
+        return np.full(img.shape, -1, dtype=np.int32)
+
+    image_ids = (
+        np.asarray([str(x) for x in hidden["image_id"].values], dtype=object)
+        if "image_id" in hidden.variables
+        else np.asarray([str(i) for i in range(n_img)], dtype=object)
+    )
+    return pd.DataFrame(
+        {
+            "image": img.astype(np.int32),
+            "image_id": image_ids[img],
+            "token": tok.astype(np.int32),
+            "patch_row": coord2("patch_row"),
+            "patch_col": coord2("patch_col"),
+            "grid_rows": coord1("grid_rows"),
+            "grid_cols": coord1("grid_cols"),
+        }
+    )
+
+
+def valid_mask(hidden) -> np.ndarray:
+    """(image, token) bool mask of valid tokens.
+
+    Raises:
+        KeyError: No ``token_valid`` and no ``image``/``token`` dimension.
+    """
+    if "token_valid" in hidden.variables:
+        return np.asarray(hidden["token_valid"].values, dtype=bool)
+    return np.ones((hidden.sizes["image"], hidden.sizes["token"]), dtype=bool)
+
+
+def final_norm_flag(hidden) -> bool | None:
+    """The store's record of whether HF's last hidden state carries the final norm
+    (``final_norm_applied_to_last_layer``); None when not recorded. Raises nothing."""
+    # Stores written before the attribute names were unified also carry the adapter's copy
+    # ``model_final_norm_applied_to_last_layer``: read as a fallback so they keep working.
+    for key in ("final_norm_applied_to_last_layer", "model_final_norm_applied_to_last_layer"):
+        v = hidden.attrs.get(key)
+        if v is not None:
+            return v if isinstance(v, bool) else str(v).strip().lower() in ("1", "true", "yes")
+    return None
+
+
+def layer_values(hidden) -> list[int]:
+    """The extracted LLM layers (HF ``hidden_states`` indices), in store order.
+
+    Raises:
+        KeyError: ``hidden`` has no ``layer`` coordinate.
+    """
+    return [int(x) for x in np.asarray(hidden["layer"].values)]
+
+
+def num_layers_of(hidden, num_layers: int | None = None) -> int | None:
+    """L (decoder layers) from the argument, else from store attrs/settings, else None.
+
+    Raises:
+        ValueError, TypeError: The recorded value is not an integer.
+    """
+    if num_layers is not None:
+        return int(num_layers)
+    attrs = dict(hidden.attrs)
+    # ``model_num_layers``: the adapter's copy in stores written before the attribute names
+    # were unified (now only ``num_layers``); read as a fallback so old stores keep working.
+    for key in ("num_layers", "model_num_layers", "num_hidden_layers", "llm_num_layers"):
+        if key in attrs:
+            return int(attrs[key])
+    settings = attrs.get("settings")
+    if isinstance(settings, str):
+        try:
+            settings = json.loads(settings)
+        except ValueError:
+            settings = None
+    if isinstance(settings, dict):
+        for key in ("num_layers", "num_hidden_layers", "llm_num_layers"):
+            if key in settings:
+                return int(settings[key])
+    return None
+
+
+# --------------------------------------------------------------------------- vocabulary
 def write_vocab(path: str | Path, embedding: np.ndarray, token_strings: Sequence[str],
                 special_ids: Iterable[int], attrs: dict) -> None:
     """The vocabulary embedding matrix and token strings, stored once per model."""
