@@ -44,14 +44,13 @@ def cmd_materialize(args) -> int:
 
 def cmd_export_vocab(args) -> int:
     from .models.adapter import VLMAdapter
-    from .store import write_vocab
+    from .store import model_attrs, write_vocab
 
     adapter = VLMAdapter.load(args.model_dir, dtype="float32", device="cpu",
                               trust_remote_code=args.trust_remote_code)
     emb = adapter.embedding_matrix().float().cpu().numpy()
     write_vocab(args.out, emb, adapter.token_strings(), adapter.special_token_ids(),
-                {"model": args.model_name, "model_path": str(args.model_dir),
-                 **{f"model_{k}": v for k, v in adapter.describe().items()}})
+                {"model": args.model_name, **model_attrs(adapter.describe())})
     print(f"{args.out}: vocabulary {emb.shape[0]} x {emb.shape[1]}")
     return 0
 

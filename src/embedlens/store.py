@@ -32,6 +32,21 @@ FLOAT16_MAX = float(np.finfo(np.float16).max)
 # A marker array written last: its presence (plus the rename) means "complete".
 COMPLETE_ATTR = "embedlens_complete"
 
+#: ``VLMAdapter.describe()`` keys recorded under their own name rather than ``model_<key>``,
+#: so that no fact is stored twice under two names (None: not stored, the extraction records
+#: it itself as ``compute_dtype`` / ``compute_dtype_used``).
+MODEL_ATTR_NAMES = {"path": "model_path", "num_layers": "num_layers",
+                    "final_norm_applied_to_last_layer": "final_norm_applied_to_last_layer",
+                    "transformers_version": "transformers_version",
+                    "torch_version": "torch_version", "dtype": None}
+
+
+def model_attrs(described: dict) -> dict:
+    """A model's provenance (``VLMAdapter.describe()``) as store attributes: ``model_<key>``,
+    except the keys of `MODEL_ATTR_NAMES`. Raises nothing."""
+    names = {k: MODEL_ATTR_NAMES.get(k, f"model_{k}") for k in described}
+    return {names[k]: v for k, v in described.items() if names[k] is not None}
+
 
 class StoreOverflowError(RuntimeError):
     """Values too large for float16 (massive activations); the caller retries in float32."""
