@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from embedlens.atomic import atomic_directory
+from embedlens.store import describe_variables
 
 from .common import (
     VocabIndex,
@@ -242,7 +243,7 @@ def layer_lens(
             for c in ("patch_row", "patch_col"):
                 if c in hidden.variables:
                     coords[c] = (("image", "token"), np.asarray(hidden[c].values)[sel].astype(np.int32))
-            ds = xr.Dataset({n: (dims, v) for n, v in res.items()}, coords=coords)
+            ds = describe_variables(xr.Dataset({n: (dims, v) for n, v in res.items()}, coords=coords))
             if first:
                 ds.attrs["info"] = json.dumps(info)
                 enc = {n: {"chunks": (max(1, nb), 1, T, k)} for n in res}
