@@ -118,3 +118,69 @@ def test_atomic_file_replaces_only_on_success_with_normal_permissions(tmp_path):
             tmp.write_text("half")
             raise RuntimeError("killed")
     assert out.read_text() == "one" and sorted(p.name for p in tmp_path.iterdir()) == ["t.json"]
+
+
+# ----------------------------------------------------------------- the contract, checked
+# One small real store of each kind, written by the real writers (tiny LLaVA, 2 images).
+@pytest.fixture(scope="module")
+def written(tiny_model, tmp_path_factory):
+    from embedlens.analysis import layer_lens
+    from embedlens.cli import main
+    from embedlens.datasets import materialize
+    from embedlens.extract import ExtractSettings, extract_shard
+    from embedlens.models.adapter import VLMAdapter
+
+    root = tmp_path_factory.mktemp("contract")
+    model = tiny_model("llava")
+    data = materialize("shapes", {"source": "synthetic", "n_images": 2, "seed": 1, "image_size": 64,
+                                  "grid": 4}, root / "data")
+    shard = extract_shard(model, data, root / "shard-0000.zarr", start=0, stop=2, model_name="tiny",
+                          settings=ExtractSettings(batch_size=2, device="cpu"), progress=False)
+    write_index([shard], root / "hidden.json")
+    assert main(["export-vocab", "--model-dir", str(model), "--model-name", "tiny",
+                 "--out", str(root / "vocab.zarr")]) == 0
+    adapter = VLMAdapter.load(str(model))
+    layer_lens(open_shard(shard), root / "vocab.zarr", root / "lens.zarr", k=2, lm_head=adapter.lm_head,
+               final_norm=adapter.final_norm, device="cpu", progress=False)
+    return {"shard": shard, "vocab": root / "vocab.zarr", "lens": root / "lens.zarr",
+            "index": root / "hidden.json"}
+
+
+def test_writers_write_exactly_the_contract_table(written):
+    from embedlens.store import (INDEX_KEYS, LENS_VARIABLES, SHARD_ATTRS, SHARD_VARIABLES, VARIABLES,
+                                 VOCAB_ATTRS, VOCAB_VARIABLES)
+
+    for kind, names, attrs in (("shard", SHARD_VARIABLES, SHARD_ATTRS), ("vocab", VOCAB_VARIABLES, VOCAB_ATTRS),
+                               ("lens", LENS_VARIABLES, ["info"])):
+        ds = xr.open_zarr(written[kind], consolidated=kind != "lens")
+        assert sorted(ds.variables) == sorted(names), kind
+        for name in names:
+            assert ds[name].dims == VARIABLES[name].dims, (kind, name)
+        assert sorted(ds.attrs) == sorted(attrs), kind
+    assert sorted(read_index(written["index"])) == sorted(INDEX_KEYS)
+
+
+def test_open_zarr_explains_every_array(written, tmp_path):
+    for kind in ("shard", "vocab", "lens"):
+        ds = xr.open_zarr(written[kind], consolidated=kind != "lens")
+        for name, var in ds.variables.items():
+            assert var.attrs.get("description") and var.attrs.get("long_name"), (kind, name)
+    # and after joining shards of different token counts
+    joined = open_hidden([_write(tmp_path / "a.zarr", [4, 4]), _write(tmp_path / "b.zarr", [6, 2], seed=1)])
+    assert all(var.attrs.get("description") for var in joined.variables.values())
+    assert joined["patch_row"].attrs["units"] == "1"
+
+
+def test_architecture_md_shows_the_generated_tables():
+    """docs/architecture.md's store tables are `embedlens.store.doc_table(kind)`: paste the
+    expected text printed on failure between the markers."""
+    import re
+    from pathlib import Path
+
+    from embedlens.store import doc_table
+
+    page = (Path(__file__).parents[1] / "docs" / "architecture.md").read_text()
+    blocks = re.findall(r'<!-- generated: doc_table\("(\w+)"\) -->\n(.*?)<!-- end generated -->', page, re.S)
+    assert sorted(kind for kind, _ in blocks) == ["index", "lens", "shard", "shard_attrs", "vocab"]
+    for kind, text in blocks:
+        assert text == doc_table(kind), f"docs/architecture.md, table {kind} is stale; expected:\n{doc_table(kind)}"
