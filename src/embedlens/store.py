@@ -261,7 +261,8 @@ class ShardWriter:
 
     def append(self, image_id: str, llm: np.ndarray, vision: np.ndarray | None, patch_row: np.ndarray,
                patch_col: np.ndarray, grid: tuple[int, int], **kw) -> None:
-        """`write` into the next free slot; `close` drops the slots never written (skipped images)."""
+        """`write` into the next free slot; `close` drops the slots never written (skipped images).
+        Raises as `write`."""
         self.write(self.n_written, image_id, llm, vision, patch_row, patch_col, grid, **kw)
 
     def write(self, index: int, image_id: str, llm: np.ndarray, vision: np.ndarray | None,
