@@ -35,6 +35,7 @@ from embedlens.analysis import (
 )
 from embedlens.analysis.outputs import write_json
 from embedlens.analysis.stats import robust_z, uncertainty_coefficient
+from embedlens.store import token_index
 
 
 # --------------------------------------------------------------------------- helpers
@@ -416,7 +417,7 @@ def _probe_store(n_img: int = 24, seed: int = 0):
     h[:, 1] += codes[colour.reshape(n_img, T)]
     vis = np.concatenate([np.ones((n_img, 1, 1, 5)), rng.standard_normal((n_img, 1, T, 5))], axis=2)
     store = make_store(h, layers=[0, 1], rows=4, cols=4, vision=vis.astype(np.float32))
-    cat = store.pipe(lambda s: __import__("embedlens.analysis.common", fromlist=["token_index"]).token_index(s))
+    cat = token_index(store)
     cat["label"] = "alive"
     cat.loc[[i for i in (3, 40, 77, 120, 200) if i < len(cat)], "label"] = "dead"
     for r in (1, 2, 3):
@@ -467,7 +468,7 @@ def test_tokens_without_a_grid_are_left_out_and_counted(tmp_path):
         grid_rows=("image", np.where(no_grid, 0, 4)), grid_cols=("image", np.where(no_grid, 0, 4)),
         patch_row=store.patch_row.where(~no_grid[:, None], -1),
         patch_col=store.patch_col.where(~no_grid[:, None], -1))
-    from embedlens.analysis.common import token_index
+    from embedlens.store import token_index
 
     cat = token_index(store)
     cat["label"] = "alive"
@@ -527,7 +528,7 @@ def test_align_finds_planted_layer(tmp_path):
     h = rng.standard_normal((n_img, 2, T, d)).astype(np.float32) * 0.3
     h[:, 0] += word_vecs[2][colour.reshape(n_img, T)]  # h[0] lives at text layer 2
     store = make_store(h, layers=[0, 1], rows=4, cols=4)
-    from embedlens.analysis.common import token_index
+    from embedlens.store import token_index
 
     cat = token_index(store)
     cat["label"] = "alive"

@@ -51,7 +51,7 @@ def test_labels_agree_with_the_datasets_module(setup):
     hidden = setup["hidden"]
     labels = read_patch_labels(setup["data"])
     ds = load_dataset(setup["data"])
-    from embedlens.analysis.common import token_index
+    from embedlens.store import token_index
 
     t = token_index(hidden)
     mine = labels.for_table(t)

@@ -5,7 +5,8 @@ import pytest
 import xarray as xr
 
 from embedlens.store import (ShardWriter, StoreOverflowError, atomic_directory, open_hidden,
-                             open_shard, open_vocab, write_vocab)
+                             open_index, open_shard, open_vocab, read_index, write_index,
+                             write_vocab)
 
 
 def _write(path, counts, seed=0, dtype="float16", scale=1.0):
@@ -77,6 +78,20 @@ def test_open_hidden_pads_different_token_counts(tmp_path):
     assert np.isnan(ds.llm_hidden.isel(image=0, token=5).values).all()
 
 
+def test_index_lists_the_shards_and_opens_them_joined(tmp_path):
+    a = _write(tmp_path / "shard-0000.zarr", [4, 4], seed=0)
+    b = _write(tmp_path / "shard-0001.zarr", [6, 2], seed=1)
+    index = write_index([b, a], tmp_path / "hidden.json")
+    assert read_index(tmp_path / "hidden.json") == index
+    assert index["shards"] == [str(a), str(b)] and index["n_images"] == 4
+    assert index["layers"] == [0, 1, 2] and index["max_tokens"] == 6 and index["model"] == "m"
+    joined = open_index(tmp_path / "hidden.json")
+    assert joined.sizes["image"] == 4 and joined.token_valid.values.sum() == 16
+    (tmp_path / "other.json").write_text("{}")
+    with pytest.raises(KeyError, match="not a hidden-state index"):
+        read_index(tmp_path / "other.json")
+
+
 def test_vocab_store(tmp_path):
     emb = np.random.default_rng(0).normal(size=(10, 4)).astype(np.float32)
     write_vocab(tmp_path / "vocab.zarr", emb, [f"t{i}" for i in range(10)], [3, 7], {"model": "m"})
@@ -103,3 +118,69 @@ def test_atomic_file_replaces_only_on_success_with_normal_permissions(tmp_path):
             tmp.write_text("half")
             raise RuntimeError("killed")
     assert out.read_text() == "one" and sorted(p.name for p in tmp_path.iterdir()) == ["t.json"]
+
+
+# ----------------------------------------------------------------- the contract, checked
+# One small real store of each kind, written by the real writers (tiny LLaVA, 2 images).
+@pytest.fixture(scope="module")
+def written(tiny_model, tmp_path_factory):
+    from embedlens.analysis import layer_lens
+    from embedlens.cli import main
+    from embedlens.datasets import materialize
+    from embedlens.extract import ExtractSettings, extract_shard
+    from embedlens.models.adapter import VLMAdapter
+
+    root = tmp_path_factory.mktemp("contract")
+    model = tiny_model("llava")
+    data = materialize("shapes", {"source": "synthetic", "n_images": 2, "seed": 1, "image_size": 64,
+                                  "grid": 4}, root / "data")
+    shard = extract_shard(model, data, root / "shard-0000.zarr", start=0, stop=2, model_name="tiny",
+                          settings=ExtractSettings(batch_size=2, device="cpu"), progress=False)
+    write_index([shard], root / "hidden.json")
+    assert main(["export-vocab", "--model-dir", str(model), "--model-name", "tiny",
+                 "--out", str(root / "vocab.zarr")]) == 0
+    adapter = VLMAdapter.load(str(model))
+    layer_lens(open_shard(shard), root / "vocab.zarr", root / "lens", top_k=2, lm_head=adapter.lm_head,
+               final_norm=adapter.final_norm, device="cpu", progress=False)
+    return {"shard": shard, "vocab": root / "vocab.zarr", "lens": root / "lens" / "lens.zarr",
+            "index": root / "hidden.json"}
+
+
+def test_writers_write_exactly_the_contract_table(written):
+    from embedlens.store import (INDEX_KEYS, LENS_VARIABLES, SHARD_ATTRS, SHARD_VARIABLES, VARIABLES,
+                                 VOCAB_ATTRS, VOCAB_VARIABLES)
+
+    for kind, names, attrs in (("shard", SHARD_VARIABLES, SHARD_ATTRS), ("vocab", VOCAB_VARIABLES, VOCAB_ATTRS),
+                               ("lens", LENS_VARIABLES, [])):
+        ds = xr.open_zarr(written[kind], consolidated=kind != "lens")
+        assert sorted(ds.variables) == sorted(names), kind
+        for name in names:
+            assert ds[name].dims == VARIABLES[name].dims, (kind, name)
+        assert sorted(ds.attrs) == sorted(attrs), kind
+    assert sorted(read_index(written["index"])) == sorted(INDEX_KEYS)
+
+
+def test_open_zarr_explains_every_array(written, tmp_path):
+    for kind in ("shard", "vocab", "lens"):
+        ds = xr.open_zarr(written[kind], consolidated=kind != "lens")
+        for name, var in ds.variables.items():
+            assert var.attrs.get("description") and var.attrs.get("long_name"), (kind, name)
+    # and after joining shards of different token counts
+    joined = open_hidden([_write(tmp_path / "a.zarr", [4, 4]), _write(tmp_path / "b.zarr", [6, 2], seed=1)])
+    assert all(var.attrs.get("description") for var in joined.variables.values())
+    assert joined["patch_row"].attrs["units"] == "1"
+
+
+def test_architecture_md_shows_the_generated_tables():
+    """docs/architecture.md's store tables are `embedlens.store.doc_table(kind)`: paste the
+    expected text printed on failure between the markers."""
+    import re
+    from pathlib import Path
+
+    from embedlens.store import doc_table
+
+    page = (Path(__file__).parents[1] / "docs" / "architecture.md").read_text()
+    blocks = re.findall(r'<!-- generated: doc_table\("(\w+)"\) -->\n(.*?)<!-- end generated -->', page, re.S)
+    assert sorted(kind for kind, _ in blocks) == ["index", "lens", "shard", "shard_attrs", "vocab"]
+    for kind, text in blocks:
+        assert text == doc_table(kind), f"docs/architecture.md, table {kind} is stale; expected:\n{doc_table(kind)}"

@@ -44,14 +44,13 @@ def cmd_materialize(args) -> int:
 
 def cmd_export_vocab(args) -> int:
     from .models.adapter import VLMAdapter
-    from .store import write_vocab
+    from .store import model_attrs, write_vocab
 
     adapter = VLMAdapter.load(args.model_dir, dtype="float32", device="cpu",
                               trust_remote_code=args.trust_remote_code)
     emb = adapter.embedding_matrix().float().cpu().numpy()
     write_vocab(args.out, emb, adapter.token_strings(), adapter.special_token_ids(),
-                {"model": args.model_name, "model_path": str(args.model_dir),
-                 **{f"model_{k}": v for k, v in adapter.describe().items()}})
+                {"model": args.model_name, **model_attrs(adapter.describe())})
     print(f"{args.out}: vocabulary {emb.shape[0]} x {emb.shape[1]}")
     return 0
 
@@ -76,30 +75,18 @@ def cmd_extract(args) -> int:
 
 
 def cmd_index_hidden(args) -> int:
-    from .store import open_hidden, open_shard
+    from .store import write_index
 
-    ds = open_hidden(args.shards)
-    # per-shard records that a join of attributes would drop: images left out, fallbacks
-    shards = [open_shard(p) for p in sorted(map(str, args.shards))]
-    skipped = [rec for sh in shards for rec in sh.attrs.get("skipped_images") or []]
-    notes = [note for sh in shards for note in sh.attrs.get("extraction_notes") or []]
-    index = {"shards": [str(p) for p in sorted(args.shards)],
-             "n_images": int(ds.sizes["image"]), "layers": [int(x) for x in ds["layer"].values],
-             "max_tokens": int(ds.sizes["token"]),
-             "n_grid_unknown": int((~ds["grid_known"].values.astype(bool)).sum()) if "grid_known" in ds else 0,
-             "skipped_images": skipped, "extraction_notes": notes,
-             "model": ds.attrs.get("model"), "settings_hash": ds.attrs.get("settings_hash")}
-    Path(args.out).write_text(json.dumps(index, indent=2))
-    print(json.dumps(index, indent=2))
+    print(json.dumps(write_index(args.shards, args.out), indent=2))
     return 0
 
 
 def cmd_info(args) -> int:
-    from .store import open_hidden
+    from .store import open_hidden, read_index
 
     paths = args.paths
     if len(paths) == 1 and paths[0].endswith(".json"):
-        paths = json.loads(Path(paths[0]).read_text())["shards"]
+        paths = read_index(paths[0])["shards"]
     print(open_hidden(paths))
     return 0
 

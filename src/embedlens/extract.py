@@ -14,14 +14,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import transformers
 from tqdm.auto import tqdm
 
 from .config import settings_hash
 from .datasets import load_dataset
 from .datasets.images import BadImageError
 from .runtime import resolve_device
-from .store import NonFiniteError, ShardWriter, StoreOverflowError, atomic_directory
+from .store import (
+    NonFiniteError,
+    ShardWriter,
+    StoreOverflowError,
+    atomic_directory,
+    model_attrs,
+)
 
 log = logging.getLogger("embedlens.extract")
 
@@ -280,7 +285,6 @@ def extract_shard(model_dir: str | Path, dataset_dir: str | Path, out: str | Pat
     indices = list(range(start, stop))
     attrs = {
         "model": model_name,
-        "model_path": str(model_dir),
         "revision": revision,
         "dataset": dataset.name,
         "image_range": [start, stop],
@@ -289,14 +293,12 @@ def extract_shard(model_dir: str | Path, dataset_dir: str | Path, out: str | Pat
         "settings": settings.identity(),
         "settings_hash": settings_hash(settings.identity()),
         "device": device,
-        "transformers_version": transformers.__version__,
-        "torch_version": torch.__version__,
         "python_version": platform.python_version(),
-        **{f"model_{k}": v for k, v in adapter.describe().items()},
-        # Unprefixed: the analyses read these two to place layers and the logit lens.
-        "num_layers": adapter.num_layers,
-        "final_norm_applied_to_last_layer": bool(adapter.final_norm_applied_to_last_layer),
+        # model_path, num_layers, final_norm_applied_to_last_layer (the analyses read these two
+        # to place layers and the logit lens), transformers/torch_version, and model_<key>
+        **model_attrs(adapter.describe()),
     }
+    attrs["final_norm_applied_to_last_layer"] = bool(attrs["final_norm_applied_to_last_layer"])
     store_dtype = settings.store_dtype
     check_batch = settings.check_batch
     notes: list[str] = []

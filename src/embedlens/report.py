@@ -803,12 +803,12 @@ def section_provenance(inp: ReportInputs) -> list:
         ("model id / path", inp.params.get("model_id") or a.get("model_path")),
         ("revision", a.get("revision") or "not recorded (local directory or builtin model)"),
         ("architecture", a.get("model_architecture") or a.get("architecture")),
-        ("decoder layers L", a.get("model_num_layers")),
+        ("decoder layers L", a.get("num_layers", a.get("model_num_layers"))),
         ("hidden size / vocabulary size", f"{a.get('model_hidden_size')} / {a.get('model_vocab_size')}"
          if a.get("model_hidden_size") else None),
         ("image token id", a.get("model_image_token_id")),
-        ("final norm applied to the last hidden state", a.get("model_final_norm_applied_to_last_layer",
-                                                                a.get("final_norm_applied_to_last_layer"))),
+        ("final norm applied to the last hidden state", a.get("final_norm_applied_to_last_layer",
+                                                                a.get("model_final_norm_applied_to_last_layer"))),
         ("data set", inp.dataset),
     ]
     dm = inp.dataset_meta
@@ -1172,13 +1172,14 @@ def _norm_columns(cats: pd.DataFrame, max_layers: int = 7) -> list[str]:
 
 def _final_norm_flag(inp: ReportInputs) -> bool:
     a = inp.hidden_attrs
-    v = a.get("model_final_norm_applied_to_last_layer", a.get("final_norm_applied_to_last_layer"))
+    # model_…: the adapter's copy in stores written before the attribute names were unified
+    v = a.get("final_norm_applied_to_last_layer", a.get("model_final_norm_applied_to_last_layer"))
     return bool(v) if v is not None else False
 
 
 def _num_layers(inp: ReportInputs) -> int | None:
     a = inp.hidden_attrs
-    v = a.get("model_num_layers", a.get("num_layers"))
+    v = a.get("num_layers", a.get("model_num_layers"))  # model_…: stores written before unification
     try:
         return int(v)
     except (TypeError, ValueError):

@@ -36,3 +36,11 @@ def progress_bar(iterable=None, *, enabled: bool = True, **kw):
     from tqdm.auto import tqdm
 
     return tqdm(iterable, disable=not enabled, **kw)
+
+
+def image_blocks(n_images: int, bytes_per_image: int, max_block_bytes: int):
+    """(start, stop) image ranges whose read stays under ``max_block_bytes`` (at least one
+    image per block), so a store larger than memory is streamed, never loaded whole."""
+    per = max(1, int(max_block_bytes) // max(1, int(bytes_per_image)))
+    for s in range(0, n_images, per):
+        yield s, min(s + per, n_images)

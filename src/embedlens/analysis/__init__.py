@@ -10,7 +10,14 @@ files into an output directory; output names and columns: docs/architecture.md,
 "Analysis outputs".
 """
 
-from .align import TextStates, align, build_prompts, collect_text_states, linear_cka, read_align
+from .align import (
+    TextStates,
+    align,
+    build_prompts,
+    collect_text_states,
+    linear_cka,
+    read_align,
+)
 from .anchors import discover_anchors
 from .categorize import (
     GROUPS,

@@ -49,8 +49,8 @@ import pandas as pd
 import torch
 
 from embedlens.runtime import progress_bar, resolve_device
+from embedlens.store import layer_values
 
-from .common import layer_values
 from .labels import PatchLabels, grid_unknown_tokens
 from .outputs import (
     StepOutputs,

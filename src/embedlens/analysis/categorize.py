@@ -29,17 +29,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from embedlens.runtime import progress_bar
-
-from . import anchors as _anchors
-from .common import (
+from embedlens.runtime import image_blocks, progress_bar
+from embedlens.store import (
     final_norm_flag,
-    image_blocks,
     layer_values,
     num_layers_of,
     token_index,
     valid_mask,
 )
+
+from . import anchors as _anchors
 from .labels import PatchLabels, grid_unknown_tokens
 from .outputs import (
     StepOutputs,

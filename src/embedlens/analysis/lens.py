@@ -26,15 +26,15 @@ import numpy as np
 import torch
 
 from embedlens.atomic import atomic_directory
-from embedlens.runtime import progress_bar
-
-from .common import (
+from embedlens.runtime import image_blocks, progress_bar
+from embedlens.store import (
+    describe_variables,
     final_norm_flag,
-    image_blocks,
     layer_values,
     num_layers_of,
     valid_mask,
 )
+
 from .outputs import (
     StepOutputs,
     note,
@@ -253,7 +253,7 @@ def layer_lens(
             for c in ("patch_row", "patch_col"):
                 if c in hidden.variables:
                     coords[c] = (("image", "token"), np.asarray(hidden[c].values)[sel].astype(np.int32))
-            ds = xr.Dataset({n: (dims, v) for n, v in res.items()}, coords=coords)
+            ds = describe_variables(xr.Dataset({n: (dims, v) for n, v in res.items()}, coords=coords))
             if first:
                 enc = {n: {"chunks": (max(1, nb), 1, T, k)} for n in res}
                 ds.to_zarr(tmp, mode="w", encoding=enc, consolidated=False, zarr_format=3)

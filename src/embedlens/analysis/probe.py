@@ -44,9 +44,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from embedlens.runtime import progress_bar
+from embedlens.runtime import image_blocks, progress_bar
+from embedlens.store import layer_values, valid_mask
 
-from .common import image_blocks, layer_values, valid_mask
 from .labels import PatchLabels, grid_unknown_tokens
 from .outputs import (
     StepOutputs,

@@ -18,7 +18,13 @@ from typing import Any
 from embedlens.runtime import resolve_device
 from embedlens.store import open_index
 
-from .align import TEXT_STATES_FILE, TextStates, align, build_prompts, collect_text_states
+from .align import (
+    TEXT_STATES_FILE,
+    TextStates,
+    align,
+    build_prompts,
+    collect_text_states,
+)
 from .categorize import OUTPUT_FILES as CATEGORIZE_FILES
 from .categorize import categorize
 from .labels import PatchLabels, read_patch_labels
