@@ -284,3 +284,31 @@ def test_reference_line_and_configured_anchors(labelled_outputs):
     assert "configured" in html and "No anchor for llm_sink" in html
     assert not report.looks_like_reference_model("embedlens-mini", "llava-1.5-13b")
     assert report.looks_like_reference_model(None, "llava-hf/llava-1.5-7b-hf")
+
+
+# --------------------------------------------------------------------------- config hash, timings
+def test_config_hash_covers_only_its_model_and_dataset():
+    import copy
+
+    from embedlens.config import config_hash, normalize
+
+    base = {"models": {"a": {"builtin": "embedlens-mini"}},
+            "datasets": {"s": {"source": "synthetic", "n_images": 4}, "t": {"source": "skimage"}}}
+    h = config_hash(normalize(copy.deepcopy(base)), "a", "s")
+    assert re.fullmatch(r"[0-9a-f]{16}", h) and h == config_hash(normalize(copy.deepcopy(base)), "a", "s")
+    assert config_hash(normalize(copy.deepcopy(base)), "a", "t") != h
+    # other models and data sets, and which pairs exist, are not this pair's config
+    more = copy.deepcopy(base)
+    more["models"]["b"] = {"hf_id": "org/other", "extraction": {"prompt": "Other."}}
+    more["datasets"]["u"] = {"source": "skimage", "limit": 1}
+    more["models"]["a"]["datasets"] = ["s"]
+    assert config_hash(normalize(more), "a", "s") == h
+    for mutate in (lambda c: c.update(probe={"C": 0.5}),
+                   lambda c: c.update(extraction={"prompt": "What is shown?"}),  # merged into the model's entry
+                   lambda c: c["models"]["a"].update(anchors={"dead": [1]}),
+                   lambda c: c["datasets"]["s"].update(seed=7),
+                   lambda c: c.update(report={"n_sample_images": 2})):
+        changed = copy.deepcopy(base)
+        mutate(changed)
+        assert config_hash(normalize(changed), "a", "s") != h
+
