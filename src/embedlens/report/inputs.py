@@ -10,6 +10,7 @@ files of other stages; the file names inside their output directories are gather
 
 from __future__ import annotations
 
+import glob
 import json
 import re
 from collections.abc import Mapping
@@ -302,19 +303,38 @@ def load_inputs(
 
 
 def read_timings(spec: Any) -> dict[str, float]:
-    """``timings`` parameter: {step: seconds} or a list of Snakemake benchmark TSV files."""
+    """Running times of workflow steps, in seconds per step, from the ``timings`` parameter.
+
+    ``spec`` is None, a mapping ``{step: value}`` or a list of benchmark files (step = the
+    file's stem). A value is a number of seconds, or a Snakemake ``benchmark:`` file (a
+    path or glob pattern, relative to the working directory) or a list of them. A
+    benchmark file is a tab-separated table whose ``s`` column is the job's wall-clock
+    seconds (one row per repeat: averaged). The files of one step (one per extraction
+    shard) are summed, i.e. the step's compute time, not the elapsed time when its jobs
+    ran in parallel, and the step is named ``"<step> (<n> jobs)"`` so a reader can match
+    n against the shard count. A step whose files do not exist (a job run before
+    benchmarks were recorded) or cannot be read is left out: timings are informative
+    only, never an error.
+    """
     if not spec:
         return {}
-    if isinstance(spec, Mapping):
-        return {str(k): float(v) for k, v in spec.items()}
-    out = {}
-    for p in spec if isinstance(spec, (list, tuple)) else [spec]:
-        p = Path(p)
-        try:
-            df = pd.read_csv(p, sep="\t")
-            out[p.stem] = float(df["s"].mean())
-        except Exception:  # noqa: BLE001 - timings are informative only
+    if not isinstance(spec, Mapping):
+        spec = {Path(str(p)).stem: p for p in (spec if isinstance(spec, (list, tuple)) else [spec])}
+    out: dict[str, float] = {}
+    for step, value in spec.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[str(step)] = float(value)
             continue
+        total, n = 0.0, 0
+        for pattern in value if isinstance(value, (list, tuple)) else [value]:
+            for path in sorted(glob.glob(str(pattern))):
+                try:
+                    total += float(pd.read_csv(path, sep="\t")["s"].mean())
+                    n += 1
+                except Exception:  # noqa: BLE001, S112 - timings are informative only
+                    continue
+        if n:
+            out[str(step) if n == 1 else f"{step} ({n} jobs)"] = total
     return out
 
 

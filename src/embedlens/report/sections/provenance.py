@@ -116,8 +116,9 @@ def section_provenance(inp: ReportInputs) -> list:
     for name, sec in inp.timings.items():
         trows.append({"step": name, "seconds": sec, "source": "workflow benchmark"})
     if trows:
-        out.append(md("**Timings** (wall-clock seconds of each step, as the outputs record them; "
-                      "extraction is timed by the workflow's benchmark files when given):"))
+        out.append(md("**Timings** (wall-clock seconds of each step, as the outputs record them; the steps "
+                      "whose outputs record no time (extraction, text states, compression) are timed by the "
+                      "workflow's benchmark files when given, summed over their jobs):"))
         out.append(table(pd.DataFrame(trows), precision=2))
     else:
         out.append(callout("timings: no output recorded its running time"))
