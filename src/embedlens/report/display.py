@@ -18,6 +18,7 @@ from typing import Any
 
 import pandas as pd
 
+#: The EmbedLens categories (a token gets the first group whose anchor it matches, else alive).
 LABELS = ("vit_sink", "llm_sink", "dead", "alive")
 GROUPS = LABELS[:3]
 #: Okabe–Ito colours (colour-blind safe), one per category.

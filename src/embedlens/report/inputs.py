@@ -36,7 +36,7 @@ STAGE_FILES: dict[str, str] = {
     "align": "align.parquet",  # align
     "align_summary": "align_summary.json",
 }
-F = STAGE_FILES
+F = STAGE_FILES  # short alias for the reads below
 
 _REFERENCE_MODEL_RE = re.compile(r"llava[-_ ]?(?:v)?1[._]5[-_ ]?7b", re.IGNORECASE)
 
