@@ -5,7 +5,7 @@ import json
 import shutil
 from pathlib import Path
 
-from embedlens.config import ConfigError, normalize, validate
+from embedlens.config import ConfigError, config_hash, normalize, validate
 
 try:
     validate(config, "config.yaml")
@@ -193,12 +193,37 @@ def model_id(model):
     return entry.get("hf_id") or entry.get("builtin") or entry.get("path")
 
 
+def benchmark_file(step, model="{model}", dataset="{dataset}", shard="{shard}"):
+    """Where the Snakemake benchmark (wall-clock seconds, memory) of a job of `step` goes.
+
+    Only the jobs whose outputs record no running time of their own have one; the
+    categorize, lens, probe and align summaries carry their own `seconds`. With the
+    defaults this is the pattern of the `benchmark` directive; with values (shard="*")
+    it is the glob the report reads (report_timings)."""
+    if step == "extract_hidden":
+        return f"logs/benchmarks/{step}/{model}/{dataset}/shard-{shard}.tsv"
+    return f"logs/benchmarks/{step}/{model}/{dataset}.tsv"
+
+
+def report_timings(model, dataset):
+    """The report's `timings` parameter: step -> benchmark file(s) (a glob for the shards).
+
+    Globs, not the shard list: that is known only after the materialize checkpoint, and
+    params that read a checkpoint make Snakemake re-plan finished jobs (see has_vqa)."""
+    steps = ["extract_hidden", "collect_text_states"] + (["compress_benchmark"] if has_vqa(dataset) else [])
+    return {step: benchmark_file(step, model, dataset, shard="*") for step in steps}
+
+
 def report_parameters(wc):
     paths = analysis_paths(wc.model, wc.dataset)
     return json.dumps({
         "model": wc.model,
         "dataset": wc.dataset,
         "model_id": model_id(wc.model),
+        # Only this pair's config entries (embedlens.config.pair_config): adding a model
+        # or a data set must not re-render the other pairs' reports.
+        "config_hash": config_hash(CFG, wc.model, wc.dataset),
+        "timings": report_timings(wc.model, wc.dataset),
         "dataset_dir": paths["dataset"],
         "hidden_index": paths["hidden"],
         "vocab": paths["vocab"],

@@ -20,6 +20,8 @@ rule compress_benchmark:
         gpu=lambda wc: uses_gpu(wc.model),
     log:
         "logs/compress_benchmark/{model}/{dataset}.log",
+    benchmark:
+        benchmark_file("compress_benchmark")
     conda:
         "../envs/analyze.yaml"
     shell:

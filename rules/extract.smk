@@ -24,6 +24,8 @@ rule extract_hidden:
         gpu=lambda wc: uses_gpu(wc.model),
     log:
         "logs/extract_hidden/{model}/{dataset}/shard-{shard}.log",
+    benchmark:
+        benchmark_file("extract_hidden")
     conda:
         "../envs/extract.yaml"
     shell:

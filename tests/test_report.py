@@ -284,3 +284,82 @@ def test_reference_line_and_configured_anchors(labelled_outputs):
     assert "configured" in html and "No anchor for llm_sink" in html
     assert not report.looks_like_reference_model("embedlens-mini", "llava-1.5-13b")
     assert report.looks_like_reference_model(None, "llava-hf/llava-1.5-7b-hf")
+
+
+# --------------------------------------------------------------------------- config hash, timings
+def test_config_hash_covers_only_its_model_and_dataset():
+    import copy
+
+    from embedlens.config import config_hash, normalize
+
+    base = {"models": {"a": {"builtin": "embedlens-mini"}},
+            "datasets": {"s": {"source": "synthetic", "n_images": 4}, "t": {"source": "skimage"}}}
+    h = config_hash(normalize(copy.deepcopy(base)), "a", "s")
+    assert re.fullmatch(r"[0-9a-f]{16}", h) and h == config_hash(normalize(copy.deepcopy(base)), "a", "s")
+    assert config_hash(normalize(copy.deepcopy(base)), "a", "t") != h
+    # other models and data sets, and which pairs exist, are not this pair's config
+    more = copy.deepcopy(base)
+    more["models"]["b"] = {"hf_id": "org/other", "extraction": {"prompt": "Other."}}
+    more["datasets"]["u"] = {"source": "skimage", "limit": 1}
+    more["models"]["a"]["datasets"] = ["s"]
+    assert config_hash(normalize(more), "a", "s") == h
+    for mutate in (lambda c: c.update(probe={"C": 0.5}),
+                   lambda c: c.update(extraction={"prompt": "What is shown?"}),  # merged into the model's entry
+                   lambda c: c["models"]["a"].update(anchors={"dead": [1]}),
+                   lambda c: c["datasets"]["s"].update(seed=7),
+                   lambda c: c.update(report={"n_sample_images": 2})):
+        changed = copy.deepcopy(base)
+        mutate(changed)
+        assert config_hash(normalize(changed), "a", "s") != h
+
+
+def _workflow_report_params(workdir: Path, config: dict, target: str) -> dict:
+    """The --params the real Snakefile passes render_report for ``target`` (a dry run:
+    nothing is executed)."""
+    import os
+    import subprocess
+
+    import yaml
+
+    exe = Path(sys.executable).parent / "snakemake"
+    if not exe.exists():
+        pytest.skip("snakemake is not installed beside this interpreter")
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    proc = subprocess.run([str(exe), "--snakefile", str(REPO / "workflow" / "Snakefile"), "--directory", str(workdir),
+                           "-n", "-p", target], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    m = re.search(r"embedlens report .*--params '(\{.*\})' >", proc.stdout + proc.stderr)
+    assert m, proc.stdout
+    return json.loads(m.group(1))
+
+
+def test_workflow_gives_the_report_its_config_hash_and_timings(unlabelled_outputs, tmp_path):
+    """The workflow's render_report parameters carry the pair's config hash and its
+    benchmark files; the rendered report shows both (it used to say "not given")."""
+    from embedlens.config import config_hash, load_config
+
+    model, dataset = unlabelled_outputs["model"], unlabelled_outputs["dataset"]
+    root = Path(unlabelled_outputs["dataset_dir"]).parents[1]
+    work = tmp_path / "wf"
+    params = _workflow_report_params(
+        work, {"models": {model: {"path": str(root / "model")}},
+               "datasets": {dataset: {"source": "skimage", "limit": 2}}},
+        f"results/reports/{model}/{dataset}.html")
+    assert params["config_hash"] == config_hash(load_config(work / "config.yaml"), model, dataset)
+    assert set(params["timings"]) == {"extract_hidden", "collect_text_states"}  # no VQA items: no compress job
+    # what Snakemake's `benchmark:` writes for the two extraction shards (tab-separated, `s` = seconds)
+    for shard, seconds in (("0000", 2.5), ("0001", 1.25)):
+        bench = work / params["timings"]["extract_hidden"].replace("*", shard)
+        bench.parent.mkdir(parents=True, exist_ok=True)
+        bench.write_text(f"s\th:m:s\tmax_rss\n{seconds}\t0:00:02\t512.0\n")
+
+    out = tmp_path / "report"
+    html = render_report(REPORT_TEMPLATE, out / "r.html", out / "r.ipynb",
+                         {**unlabelled_outputs, "config_hash": params["config_hash"], "timings": params["timings"]},
+                         cwd=work)  # the workflow renders in its working directory: the globs are relative
+    text = Path(html).read_text()
+    assert params["config_hash"] in text
+    assert "not given to the report" not in text
+    assert "extract_hidden (2 jobs)" in text and ">3.75<" in text

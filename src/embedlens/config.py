@@ -188,3 +188,32 @@ def settings_hash(settings: dict) -> str:
     """A short stable hash of a settings mapping (recorded in store attributes)."""
     blob = json.dumps(settings, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def pair_config(cfg: dict, model: str, dataset: str) -> dict:
+    """The part of a normalized config that one model × data set's outputs depend on.
+
+    Every top-level section of ``cfg`` (as :func:`normalize` returns it), except that
+    ``models`` and ``datasets`` are narrowed to this model's entry and this data set's
+    entry; the model entry's ``datasets`` list (which pairs exist) is dropped; the
+    global ``extraction`` section is dropped (:func:`normalize` merged it into the model's
+    entry, which is what the extraction used); ``embedlens_mini`` is kept only for a
+    builtin model. So adding a model or a data set, or editing another model's entry,
+    leaves the other pairs' :func:`config_hash` (and the Snakemake params holding it)
+    unchanged. Raises ``KeyError`` for a model or data set not in ``cfg``.
+    """
+    entry = {k: v for k, v in cfg["models"][model].items() if k != "datasets"}
+    skip = {"models", "datasets", "extraction"} | ({"embedlens_mini"} if "builtin" not in entry else set())
+    out = {k: v for k, v in cfg.items() if k not in skip}
+    out["model"] = {"name": model, **entry}
+    out["dataset"] = {"name": dataset, **cfg["datasets"][dataset]}
+    return out
+
+
+def config_hash(cfg: dict, model: str, dataset: str) -> str:
+    """The config hash a model × data set's report shows: 16 hex digits of the SHA-256 of
+    the canonical JSON (sorted keys, no spaces) of :func:`pair_config`. Equal hashes mean
+    the same config entries produced the outputs (stable across runs and machines; paths
+    are hashed as written in the config, not resolved)."""
+    blob = json.dumps(pair_config(cfg, model, dataset), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -1,0 +1,140 @@
+"""Report sections "header" and "Provenance": what the report covers, which inputs are
+missing, and which model, revision, data set, settings, software and running times
+produced the numbers."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import sys
+from collections.abc import Sequence
+from types import SimpleNamespace
+from typing import Any
+
+import pandas as pd
+
+from embedlens.store import final_norm_flag, num_layers_of
+
+from ..display import callout, md, table
+from ..inputs import ReportInputs
+
+#: Section headings of the model × data-set report, in order (stable: tests and links
+#: use them; nbconvert turns "Category shares" into the anchor ``#Category-shares``).
+REPORT_SECTIONS: tuple[str, ...] = (
+    "Provenance",
+    "Category shares",
+    "Category maps",
+    "Nearest words by layer",
+    "Norm distributions",
+    "Anchors and evidence",
+    "Probe accuracy and selectivity",
+    "Layer alignment",
+    "Compression benchmark",
+    "Methods and deviations",
+)
+
+
+def section_header(inp: ReportInputs) -> list:
+    """Top of the report: what this is and what is missing overall."""
+    out: list = [md(f"**Model** `{inp.model}` · **data set** `{inp.dataset}` · generated "
+                    f"{_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}")]
+    toc = " · ".join(f"[{s}](#{s.replace(' ', '-')})" for s in REPORT_SECTIONS)
+    out.append(md("Sections: " + toc))
+    if inp.missing:
+        rows = pd.DataFrame({"input": list(inp.missing), "why it is missing": list(inp.missing.values())})
+        out.append(md("Inputs the report could not use (the sections that need them say so):"))
+        out.append(table(rows))
+    return out
+
+
+def _settings_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def section_provenance(inp: ReportInputs) -> list:
+    """Section "Provenance": model, revision, data set, extraction settings, software
+    versions, config and analysis-settings hashes, step timings and skipped images."""
+    out: list = []
+    a = inp.hidden_attrs
+    import embedlens
+
+    rows: list[tuple[str, Any]] = [
+        ("model (workflow name)", inp.model),
+        ("model id / path", inp.params.get("model_id") or a.get("model_path")),
+        ("revision", a.get("revision") or "not recorded (local directory or builtin model)"),
+        ("architecture", a.get("model_architecture") or a.get("architecture")),
+        ("decoder layers L", num_layers_of(SimpleNamespace(attrs=a))),
+        ("hidden size / vocabulary size", f"{a.get('model_hidden_size')} / {a.get('model_vocab_size')}"
+         if a.get("model_hidden_size") else None),
+        ("image token id", a.get("model_image_token_id")),
+        ("final norm applied to the last hidden state", final_norm_flag(SimpleNamespace(attrs=a))),
+        ("data set", inp.dataset),
+    ]
+    dm = inp.dataset_meta
+    if dm:
+        rows += [
+            ("data-set source / spec", f"{dm.get('source')} {json.dumps(dm.get('spec', {}), sort_keys=True)}"),
+            ("images / VQA items", f"{dm.get('n_images')} / {len(dm.get('vqa') or [])}"),
+            ("label tasks", ", ".join(dm.get("label_tasks") or {}) or "none (unlabelled data set)"),
+        ]
+    if a:
+        rows += [
+            ("extraction settings", json.dumps(a.get("settings"), sort_keys=True)),
+            ("extraction settings hash", a.get("settings_hash")),
+            ("prompt", a.get("prompt")),
+            ("compute / store dtype", f"{a.get('compute_dtype')} / {a.get('store_dtype')}"),
+            ("extraction device", a.get("device")),
+            ("shards", len(inp.shards)),
+            ("store created", _created_range(inp.shard_created)),
+            ("images / token positions / layers stored", f"{a.get('n_images')} / {a.get('n_token_positions')} / "
+                                                         f"{len(a.get('layers_stored') or [])}"),
+            ("transformers / torch / python", f"{a.get('transformers_version')} / {a.get('torch_version')} / "
+                                              f"{a.get('python_version')}"),
+        ]
+    analysis_settings = {
+        "categorize": (inp.cat_summary or {}).get("settings"),
+        "lens": {k: (inp.lens_info or {}).get(k) for k in ("k", "layers", "n_images")} if inp.lens_info else None,
+        "probe": (inp.probe_summary or {}).get("settings"),
+        "align": (inp.align_summary or {}).get("settings"),
+    }
+    rows += [
+        ("config hash", inp.params.get("config_hash") or "not given to the report"),
+        ("analysis settings hash", _settings_hash(analysis_settings)),
+        ("embedlens version", getattr(embedlens, "__version__", "unknown")),
+        ("report rendered with", f"python {sys.version.split()[0]} ({sys.executable})"),
+    ]
+    if "hidden" in inp.missing:
+        out.append(callout(f"store attributes (model revision, versions, extraction settings): {inp.why('hidden')}"))
+    prov = pd.DataFrame({"field": [r[0] for r in rows], "value": ["" if r[1] is None else str(r[1]) for r in rows]})
+    out.append(table(prov))
+
+    # timings
+    trows = []
+    for name, summ in (("categorize", inp.cat_summary), ("layer lens", inp.lens_info),
+                       ("probe", inp.probe_summary), ("align", inp.align_summary)):
+        if summ and summ.get("seconds") is not None:
+            trows.append({"step": name, "seconds": float(summ["seconds"]), "source": "output summary"})
+    for name, sec in inp.timings.items():
+        trows.append({"step": name, "seconds": sec, "source": "workflow benchmark"})
+    if trows:
+        out.append(md("**Timings** (wall-clock seconds of each step, as the outputs record them; the steps "
+                      "whose outputs record no time (extraction, text states, compression) are timed by the "
+                      "workflow's benchmark files when given, summed over their jobs):"))
+        out.append(table(pd.DataFrame(trows), precision=2))
+    else:
+        out.append(callout("timings: no output recorded its running time"))
+
+    bad = (dm or {}).get("bad_images") or []
+    if bad:
+        out.append(md(f"**{len(bad)} image(s) were skipped** while materializing the data set "
+                      "(`on_bad_image: skip`):"))
+        out.append(table(pd.DataFrame(bad)))
+    return out
+
+
+def _created_range(created: Sequence[str]) -> str:
+    c = sorted(x for x in created if x and x != "None")
+    if not c:
+        return "not recorded"
+    return c[0] if c[0] == c[-1] else f"{c[0]} … {c[-1]} ({len(c)} shards)"
