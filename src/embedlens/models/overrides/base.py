@@ -123,6 +123,11 @@ class ArchOverrides:
     #: Checked for every registered architecture in tests/test_models.py.
     truncate_after_image: bool = False
 
+    #: ``token_type_ids`` value of text tokens appended after the prompt (answers scored by
+    #: the compression benchmark). 0 marks text for most models (Gemma 3: 1 marks image
+    #: tokens; Qwen: 0 = text); PaliGemma overrides it (its prefix is bidirectional).
+    answer_token_type: int = 0
+
     def layout(self, ctx: ImageContext) -> TokenLayout:
         """Single-view square grid when the vision config says so (image_size / patch_size
         patches per side, one LLM token each: LLaVA-1.5, PaliGemma); otherwise the grid is
