@@ -166,6 +166,18 @@ class ArchOverrides:
     def processor_kwargs(self) -> dict:
         return {}
 
+    def projector_input(self, model, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The vision features the model feeds its multimodal projector for `pixel_values`
+        (B, 3, H, W): (B, n_tok, vd). Used to precompute features for projector training.
+
+        Raises:
+            NotImplementedError: the architecture has no such rule here (only LLaVA has one).
+        """
+        raise NotImplementedError(
+            f"{type(model).__name__} ({getattr(model.config, 'model_type', '?')}): no rule for the vision "
+            "features fed to the projector; projector training supports LLaVA-style models (model_type "
+            "'llava', e.g. embedlens-mini), or add projector_input to this architecture's overrides")
+
 
 # --------------------------------------------------------------------------- registry
 
