@@ -106,6 +106,11 @@ def prepare_prompt(processor, image, question: str, answer_prefix: str = "",
 
 
 def choice_token_ids(processor, choices: Sequence[str], answer_sep: str = "") -> list[list[int]]:
+    """Token ids of ``answer_sep + choice`` for each choice (no special tokens).
+
+    Raises:
+        ValueError: a choice tokenizes to nothing.
+    """
     tok = _tokenizer(processor)
     out = []
     for c in choices:

@@ -235,6 +235,8 @@ def _assemble(seqs: Sequence[TokenSequence], plans: Sequence[Plan], device, dtyp
 
 @dataclass
 class ForwardResult:
+    """What :func:`forward` returns, one entry per sequence of the batch."""
+
     logits: list[torch.Tensor]  # per sequence: (n_requested, V) float32, in request order
     hidden: list[torch.Tensor] | None = None  # per sequence: (L + 1, T_kept, d)
     index: list[torch.Tensor] = field(default_factory=list)  # kept original positions

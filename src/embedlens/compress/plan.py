@@ -49,7 +49,8 @@ def _rng_for(seed: int, image_id: str) -> np.random.Generator:
 
 
 def random_matched_removal(labels: Sequence[str], groups: Iterable[str], seed: int, image_id: str) -> np.ndarray:
-    """Indices (into the visual tokens) that random_matched deletes for one image."""
+    """Indices (into the visual tokens; sorted, (n_removed,) int64) that random_matched
+    deletes for one image whose visual tokens carry `labels`."""
     lab = np.asarray(labels, dtype=object)
     in_g = np.isin(lab, list(resolve_groups(groups)))
     n = int(in_g.sum())
@@ -61,7 +62,13 @@ def random_matched_removal(labels: Sequence[str], groups: Iterable[str], seed: i
 
 
 def plan_for(seq: TokenSequence, labels: Sequence[str], iv: Intervention, num_layers: int) -> Plan:
-    """The plan of intervention `iv` on `seq`, whose visual tokens carry `labels`."""
+    """The plan of intervention `iv` on `seq`, whose visual tokens carry `labels` (n_visual,),
+    for a decoder of `num_layers` layers: masks (S,) over the sequence's positions.
+
+    Raises:
+        ValueError: `labels` do not match the sequence's visual tokens in number, or a
+            skip/inject/exit layer lies beyond `num_layers`.
+    """
     S = len(seq)
     dev = seq.input_ids.device
     if len(labels) != seq.n_visual:

@@ -77,6 +77,7 @@ class Intervention:
 
 
 def baseline() -> Intervention:
+    """No intervention: the model's own forward on the captured sequence."""
     return Intervention("baseline")
 
 

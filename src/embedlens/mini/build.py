@@ -105,6 +105,8 @@ def _parts_manifest_expected() -> dict[str, Any]:
 
 
 def parts_ready(parts_dir: Path) -> bool:
+    """Whether ``parts_dir`` holds converted towers made by this converter version, this
+    transformers version and the pinned wheels (``parts.json``), so they can be reused."""
     manifest = Path(parts_dir) / "parts.json"
     if not manifest.is_file():
         return False

@@ -66,6 +66,7 @@ def _log(msg: str) -> None:
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of the file at `path`, read in `chunk`-byte blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -74,6 +75,7 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def find_wheel(spec: WheelSpec, wheels_dir: Path) -> Path | None:
+    """The cached wheel file for `spec` in `wheels_dir` (any platform tag), or None."""
     wheels_dir = Path(wheels_dir)
     if not wheels_dir.is_dir():
         return None

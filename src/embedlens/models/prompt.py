@@ -21,6 +21,7 @@ def user_turn(prompt: str) -> dict:
 
 
 def has_chat_template(processor) -> bool:
+    """Whether the processor carries a (non-empty) chat template."""
     return bool(getattr(processor, "chat_template", None))
 
 
