@@ -33,6 +33,11 @@ from typing import Any
 
 import torch
 
+# The prompt format and the image token id are the model's (embedlens.models): the same rule
+# as VLMAdapter.format_prompt, re-exported here for callers that format VQA prompts.
+from embedlens.models.parts import find_image_token_id
+from embedlens.models.prompt import format_prompt  # noqa: F401 - re-exported
+
 
 @dataclass
 class ChoiceScores:
@@ -69,16 +74,6 @@ class PrefixCache:
         self.hits = 0
 
 
-def format_prompt(processor, question: str, placeholder: str = "{image}\n{prompt}") -> str:
-    """One image + ``question`` as the model expects it (same rule as ``VLMAdapter.format_prompt``):
-    the chat template's user turn + generation prompt, else ``placeholder``."""
-    if getattr(processor, "chat_template", None):
-        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        return processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-    image = getattr(processor, "image_token", None) or "<image>"
-    return placeholder.format(image=image, prompt=question)
-
-
 def _tokenizer(processor):
     return getattr(processor, "tokenizer", processor)
 
@@ -96,7 +91,13 @@ def _log_softmax_at(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 def prepare_prompt(processor, image, question: str, answer_prefix: str = "",
                    prompt_fn: Callable[[str], str] | None = None) -> dict[str, torch.Tensor]:
-    """Processor tensors for the prompt (+ ``answer_prefix``) with one image (batch of 1)."""
+    """Processor tensors for the prompt (+ ``answer_prefix``) with one image (batch of 1):
+    ``input_ids`` (1, P) and the processor's image tensors.
+
+    ``prompt_fn`` formats the question (pass ``VLMAdapter.format_prompt`` for the
+    architecture's placeholder); the default is :func:`embedlens.models.prompt.format_prompt`
+    with the generic placeholder.
+    """
     text = (prompt_fn or (lambda q: format_prompt(processor, q)))(question) + answer_prefix
     if hasattr(image, "convert"):
         image = image.convert("RGB")
@@ -105,6 +106,11 @@ def prepare_prompt(processor, image, question: str, answer_prefix: str = "",
 
 
 def choice_token_ids(processor, choices: Sequence[str], answer_sep: str = "") -> list[list[int]]:
+    """Token ids of ``answer_sep + choice`` for each choice (no special tokens).
+
+    Raises:
+        ValueError: a choice tokenizes to nothing.
+    """
     tok = _tokenizer(processor)
     out = []
     for c in choices:
@@ -178,19 +184,10 @@ def _full_choice_logprob(model, inputs: Mapping[str, torch.Tensor], answer: list
     return float(lp.sum())
 
 
-def _image_token_id(model) -> int | None:
-    cfg = getattr(model, "config", None)
-    for name in ("image_token_id", "image_token_index"):
-        v = getattr(cfg, name, None)
-        if isinstance(v, int):
-            return v
-    return None
-
-
 def _prefill(model, inputs: Mapping[str, torch.Tensor], prefix_cache: PrefixCache | None):
     """``model(**inputs, use_cache=True)``, reusing ``prefix_cache`` for the part up to the image."""
     ids = inputs["input_ids"]
-    image_id = _image_token_id(model)
+    image_id = find_image_token_id(getattr(model, "config", None))
     usable = (prefix_cache is not None and image_id is not None and ids.shape[0] == 1
               and set(inputs) <= {"input_ids", "attention_mask", "pixel_values"}
               and bool((inputs.get("attention_mask", torch.ones_like(ids)) == 1).all()))

@@ -2,13 +2,15 @@
 multiple-choice VQA accuracy under them, and their cost.
 
 * :mod:`.interventions` — hook-based ``prune``/``keep``/``random_matched``/``skip``/
-  ``inject``/``exit`` on any supported transformers VLM, and answer scoring;
+  ``inject``/``exit`` on any supported transformers VLM, and answer scoring (built from
+  :mod:`.spec`, :mod:`.sequences`, :mod:`.plan` and :mod:`.hooks`; model access through
+  :mod:`embedlens.models`);
 * :mod:`.cost` — theoretical prefill FLOPs, measured latency and peak memory;
 * :mod:`.benchmark` — :func:`run_compress` over condition dicts from ``config.yaml``.
 """
 
 from .benchmark import default_conditions, parse_conditions, run_compress, wilson_interval
-from .interventions import (
+from .spec import (
     Intervention,
     baseline,
     exit,  # noqa: A004 - the name methods.md §4 uses

@@ -414,7 +414,7 @@ def run_compress(
 
     model, processor, adapter = iv.load_model(model_dir, device=dev, dtype=dtype,
                                               trust_remote_code=trust_remote_code)
-    N = len(iv.decoder_layers(model))
+    N = adapter.num_layers
     shape = _cost.DecoderShape.from_model(model)
     variants = parse_conditions(conditions if conditions is not None
                                 else default_conditions(N, best_aligned_layer), N, seeds)
@@ -481,7 +481,7 @@ def run_compress(
     table.attrs["settings"] = json.dumps({
         "n_items": len(items), "seeds": list(seeds), "repeats": repeats, "latency_items": len(latency_prompts),
         "batch_size": batch_size, "pack_choices": pack_choices,
-        "answer_prefixes": sorted({f.answer_prefix for f in framings}), "num_layers": N, "attn_implementation": iv.attn_implementation(model),
+        "answer_prefixes": sorted({f.answer_prefix for f in framings}), "num_layers": N, "attn_implementation": adapter.attn_implementation,
         "transformers_version": transformers.__version__, "torch_version": torch.__version__, **meta})
     write_parquet(table, out_parquet)
     if items_out is not None:

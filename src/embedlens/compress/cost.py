@@ -61,6 +61,8 @@ from dataclasses import dataclass
 
 import torch
 
+from embedlens.models.parts import text_config
+
 from .interventions import Plan, TokenSequence, forward
 
 
@@ -76,7 +78,7 @@ class DecoderShape:
 
     @classmethod
     def from_config(cls, config, mlp_matrices: int | None = None) -> DecoderShape:
-        tc = config.get_text_config() if hasattr(config, "get_text_config") else config
+        tc = text_config(config)
         d = int(tc.hidden_size)
         H = int(tc.num_attention_heads)
         K = int(getattr(tc, "num_key_value_heads", None) or H)
@@ -87,7 +89,7 @@ class DecoderShape:
     @classmethod
     def from_model(cls, model) -> DecoderShape:
         """From the config; the MLP matrix count is read off the first layer's MLP."""
-        from .interventions import decoder_layers, mlp_of
+        from embedlens.models.parts import decoder_layers, mlp_of
 
         mlp = mlp_of(decoder_layers(model)[0])
         n_lin = sum(isinstance(m, torch.nn.Linear) for m in mlp.modules())

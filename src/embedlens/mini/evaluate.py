@@ -33,6 +33,7 @@ import torch
 
 from embedlens.mini.train import CAPTION_QUESTION, EVAL_DATA_SEED, TRAIN_DATA_SEED_BASE, load_model
 from embedlens.datasets.synthetic import ANSWER_FORMAT, article
+from embedlens.models.parts import projector_of
 from embedlens.vqa import PrefixCache, accuracy_table, score_choices, score_item
 
 ITEM_TYPES = ("shape", "colour", "character", "letter_colour")
@@ -124,7 +125,7 @@ def _apply_projector(model, variant: str | Path, original: dict[str, torch.Tenso
     """Put the projector of ``variant`` into ``model``; return a label for the report."""
     from embedlens.mini.build import PROJECTOR_INIT_SEED, init_projector_, load_projector_weights
 
-    proj = model.model.multi_modal_projector
+    proj = projector_of(model)
     if str(variant) == "model":
         proj.load_state_dict(original)
         return "model"
@@ -160,7 +161,7 @@ def evaluate_model(model_dir: Path | str, n_items: int = 200, seed: int = EVAL_D
     variants = [projector] if isinstance(projector, (str, Path)) else list(projector)
     t0 = time.perf_counter()
     model, processor = load_model(model_dir)
-    original = {k: v.clone() for k, v in model.model.multi_modal_projector.state_dict().items()}
+    original = {k: v.clone() for k, v in projector_of(model).state_dict().items()}
     meta_file = Path(model_dir) / "embedlens_mini.json"
     model_meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     examples = make_examples(int(n_items), int(seed))

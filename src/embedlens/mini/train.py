@@ -30,6 +30,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from embedlens.models import loading as _loading, parts
+from embedlens.models.overrides import get_overrides
+# The prompt format is the model's: the chat template's user turn (image + question) with the
+# generation prompt, and the text the template adds after it for an assistant answer.
+from embedlens.models.prompt import assistant_suffix, chat_prompt  # noqa: F401 - re-exported
+
 DEFAULT_STEPS = 400
 DEFAULT_BATCH = 16
 DEFAULT_LR = 1e-3
@@ -66,46 +72,25 @@ class Recipe:
 
 
 def load_model(model_dir: Path | str, dtype: torch.dtype = torch.float32):
-    """(model, processor) from a saved embedlens-mini (or any LLaVA-style) directory, offline."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    """(model, processor) from a saved embedlens-mini (or any LLaVA-style) directory, offline
+    (local files only), through `embedlens.models.loading`; the model on the CPU, in eval mode.
 
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
-    processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
-    model.eval()
+    Raises:
+        OSError / ValueError: the directory does not hold a loadable model and processor.
+    """
+    model = _loading.load_model(model_dir, dtype=dtype, local_files_only=True)
+    processor = _loading.load_processor(model_dir, local_files_only=True)
     return model, processor
 
 
-def chat_prompt(processor, question: str) -> str:
-    """The generation prompt for one image + ``question`` in the processor's chat template."""
-    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    return processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-
-
-def assistant_suffix(processor, question: str, answer: str) -> str:
-    """Text the chat template appends after the generation prompt for an assistant ``answer``."""
-    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
-    prompt = processor.apply_chat_template([user], add_generation_prompt=True, tokenize=False)
-    full = processor.apply_chat_template(
-        [user, {"role": "assistant", "content": [{"type": "text", "text": answer}]}], tokenize=False)
-    if not full.startswith(prompt):
-        raise ValueError("chat template: the conversation with an answer does not extend the prompt")
-    return full[len(prompt):]
-
-
 def _projector(model):
-    return model.model.multi_modal_projector
+    return parts.projector_of(model)
 
 
 def _vision_select(model, pixel_values: torch.Tensor) -> torch.Tensor:
-    """Vision features exactly as ``LlavaModel.get_image_features`` selects them (pre-projector)."""
-    cfg = model.config
-    layer = cfg.vision_feature_layer
-    out = model.model.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
-    layers = [layer] if isinstance(layer, int) else list(layer)
-    hs = [out.hidden_states[i] for i in layers]
-    if cfg.vision_feature_select_strategy == "default":
-        hs = [h[:, 1:] for h in hs]
-    return torch.cat(hs, dim=-1)
+    """Vision features as the model feeds them to its projector (the architecture's rule,
+    `ArchOverrides.projector_input`: LLaVA's feature layer and select strategy)."""
+    return get_overrides(getattr(model.config, "model_type", "")).projector_input(model, pixel_values)
 
 
 @torch.no_grad()
@@ -156,7 +141,7 @@ class ProjectorTrainer:
         self.pad_id = pad_id
         self.device = model.device
         self.prompt = torch.tensor(prompt_ids, dtype=torch.long, device=self.device)
-        self.image_pos = (self.prompt == model.config.image_token_id).nonzero().squeeze(-1)
+        self.image_pos = (self.prompt == parts.image_token_id(model)).nonzero().squeeze(-1)
         if len(self.image_pos) != features.shape[1]:
             raise ValueError(f"prompt has {len(self.image_pos)} image tokens, features have "
                              f"{features.shape[1]} tokens")
@@ -166,7 +151,7 @@ class ProjectorTrainer:
         for p in self.proj.parameters():
             p.requires_grad_(True)
         self.embed = model.get_input_embeddings()
-        self.lm = model.model.language_model
+        self.lm = parts.decoder_of(model)
         self.head = model.get_output_embeddings()
         with torch.no_grad():
             self.prompt_emb = self.embed(self.prompt).detach()  # (P, d)

@@ -1,5 +1,7 @@
-"""Model access: offline resolution (`resolve`), the generic adapter (`adapter`) and the
-per-architecture facts (`overrides`).
+"""Model access, and the only place that knows about models: offline resolution (`resolve`),
+loading (`loading`), where a model's parts are and its image token id / text config /
+attention implementation (`parts`), the prompt format (`prompt`), the generic adapter that
+exposes all of them (`adapter`) and the per-architecture facts (`overrides`).
 
 `register_overrides(model_type, cls)` adds an architecture without editing the package
 (see `embedlens.models.overrides.base.register_overrides`); it is imported lazily so that

@@ -4,7 +4,10 @@
 the decoder hidden states at the visual positions (`input_ids == image_token_id`) for the
 requested layers plus the vision encoder's hidden states. Everything model-specific that the
 transformers API does not expose (patch grid, packed vision outputs, prompt placeholder when
-there is no chat template) comes from `embedlens.models.overrides`.
+there is no chat template) comes from `embedlens.models.overrides`; loading, the lookup of
+the model's parts and the prompt format come from `embedlens.models.loading`, `.parts` and
+`.prompt`, and the adapter exposes them (`decoder_layers`, `attention`, `mlp`,
+`image_token_id`, `text_config`, `attn_implementation`, `format_prompt`).
 
 Layer indices follow HF `output_hidden_states`: for the decoder, 0 = the decoder input (the
 projector output at visual positions), l = output of decoder layer l, negative indices count
@@ -17,37 +20,19 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import json
-import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
+from embedlens.models import parts, prompt as _prompt
+from embedlens.models.loading import load_model, load_processor
+from embedlens.models.loading import optional_video_processor  # noqa: F401 - re-export (tiny builders import it here)
 from embedlens.models.overrides import ImageContext, TokenLayout, get_overrides
-
-log = logging.getLogger(__name__)
-
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
-
-# Attribute names under which composite VLMs keep their vision encoder.
-_VISION_ATTRS = ("vision_tower", "vision_model", "visual", "vision_encoder", "vision_backbone", "vision")
-
-
-class UnsupportedModelError(ValueError):
-    """The generic adapter cannot handle this model: names the class and what is missing
-    (decoder layer list, image token id, vision tower). Raised at load, before any work."""
-
+from embedlens.models.parts import UnsupportedModelError  # noqa: F401 - re-export: callers catch it from here
 
 @dataclass
 class ImageHidden:
@@ -105,104 +90,7 @@ class PreparedBatch:
         return self.inputs.keys()
 
 
-# --------------------------------------------------------------------------- processor loading
-
-
-@contextlib.contextmanager
-def optional_video_processor():
-    """Let processors that declare a video processor be built without one.
-
-    transformers 5 makes the video processor of Qwen-VL-style processors mandatory and only
-    implements video processors with torchvision, so image-only use on a machine without
-    torchvision fails although no video is ever processed. Inside this context a `None`
-    video processor passes the processor's class check.
-    """
-    from transformers.processing_utils import ProcessorMixin
-
-    original = ProcessorMixin.check_argument_for_proper_class
-
-    def check(self, argument_name, argument):
-        if argument is None and "video" in argument_name:
-            return None
-        return original(self, argument_name, argument)
-
-    ProcessorMixin.check_argument_for_proper_class = check
-    try:
-        yield
-    finally:
-        ProcessorMixin.check_argument_for_proper_class = original
-
-
-def _load_processor(path: Path, trust_remote_code: bool):
-    from transformers import AutoProcessor
-
-    try:
-        return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except Exception as first:  # noqa: BLE001 - retry without the video processor, else re-raise
-        try:
-            proc = _load_processor_without_video(path, trust_remote_code)
-        except Exception:  # noqa: BLE001 - the first error is the one to report
-            proc = None
-        if proc is None:
-            raise
-        log.info("loaded %s without its video processor (%s)", type(proc).__name__, first)
-        return proc
-
-
-def _load_processor_without_video(path: Path, trust_remote_code: bool):
-    import transformers
-    from transformers import AutoImageProcessor, AutoTokenizer
-
-    cfg_file = next(
-        (path / n for n in ("processor_config.json", "preprocessor_config.json") if (path / n).is_file()),
-        None,
-    )
-    if cfg_file is None:
-        return None
-    name = json.loads(cfg_file.read_text()).get("processor_class")
-    cls = getattr(transformers, name, None) if name else None
-    if cls is None or "video_processor" not in cls.get_attributes():
-        return None
-    args = []
-    for attr in cls.get_attributes():
-        if attr == "tokenizer":
-            args.append(AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code))
-        elif attr == "image_processor":
-            args.append(AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code))
-        elif attr == "video_processor":
-            args.append(None)
-        else:
-            return None
-    processor_dict, _ = cls.get_processor_dict(path)
-    with optional_video_processor():
-        return cls.from_args_and_dict(args, processor_dict)
-
-
-def _load_model(path: Path, dtype: torch.dtype, trust_remote_code: bool, attn_implementation: str | None):
-    import transformers
-
-    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
-    errors = []
-    for auto in ("AutoModelForImageTextToText", "AutoModelForVision2Seq", "AutoModelForCausalLM"):
-        cls = getattr(transformers, auto, None)
-        if cls is None:
-            continue
-        try:
-            return cls.from_pretrained(path, **kwargs)
-        except ValueError as exc:  # "Unrecognized configuration class ..." -> try the next auto class
-            errors.append(f"{auto}: {exc}")
-    raise ValueError(f"no transformers auto class can load {path} as a vision-language model:\n" + "\n".join(errors))
-
-
-def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return _DTYPES[str(dtype).lower()]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}") from None
+# --------------------------------------------------------------------------- inputs
 
 
 def _image_hw(image) -> tuple[int, int] | None:
@@ -240,7 +128,17 @@ def _truncate_after(inputs: dict[str, torch.Tensor], cut: int) -> dict[str, torc
 
 
 class VLMAdapter:
-    """Generic access to a Hugging Face VLM's visual-token hidden states."""
+    """Generic access to a Hugging Face VLM: its parts, its prompt format, and the hidden
+    states of its visual tokens.
+
+    Model facts come from `embedlens.models.parts` (decoder, layers, sublayers, image token
+    id, text config, attention implementation), `embedlens.models.prompt` (prompt format)
+    and `embedlens.models.overrides` (per-architecture facts); the compression benchmark and
+    embedlens-mini read them from here rather than from the model.
+
+    Raises (at construction):
+        UnsupportedModelError: no image token id or no decoder layer list (class named).
+    """
 
     def __init__(self, model, processor, path: str | Path | None = None):
         self.model = model.eval()
@@ -254,8 +152,8 @@ class VLMAdapter:
             # Right padding needs some pad id; it is never attended to.
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "right"
-        self.image_token_id = self._find_image_token_id()
-        self._decoder = self._find_decoder()
+        self.image_token_id = parts.image_token_id(model, processor)
+        self._decoder = parts.decoder_of(model)
         self._vision_layers_list = None
         #: leave out the text after the last visual token where the architecture allows it
         #: (`ArchOverrides.truncate_after_image`); the states are the same, the work less
@@ -269,48 +167,52 @@ class VLMAdapter:
         dtype: str | torch.dtype = "float32",
         device: str | torch.device = "cpu",
         trust_remote_code: bool = False,
-        attn_implementation: str | None = None,
+        attn_implementation: str | Sequence[str] | None = None,
+        local_files_only: bool = False,
     ) -> "VLMAdapter":
-        """Load model and processor from a local directory (see `embedlens.models.resolve`)."""
+        """Load model and processor from a local directory (see `embedlens.models.resolve`)
+        through `embedlens.models.loading`: `dtype` by name or torch dtype, the model moved
+        to `device`; `attn_implementation` one name or several in order of preference
+        (``("sdpa", "eager")`` falls back to eager where sdpa is unsupported).
+
+        Raises:
+            ValueError: unknown dtype, or no auto class / attention implementation loads it.
+            UnsupportedModelError: see the class.
+        """
         path = Path(path)
-        processor = _load_processor(path, trust_remote_code)
-        model = _load_model(path, _resolve_dtype(dtype), trust_remote_code, attn_implementation)
-        model.to(device)
+        processor = load_processor(path, trust_remote_code, local_files_only=local_files_only)
+        model = load_model(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                           attn_implementation=attn_implementation, local_files_only=local_files_only)
         return cls(model, processor, path)
 
-    def _find_image_token_id(self) -> int:
-        for holder in (self.config, getattr(self.config, "text_config", None)):
-            for key in ("image_token_id", "image_token_index"):
-                value = getattr(holder, key, None) if holder is not None else None
-                if isinstance(value, int):
-                    return value
-        for holder in (self.processor, self.tokenizer):
-            value = getattr(holder, "image_token_id", None)
-            if isinstance(value, int):
-                return value
-        token = getattr(self.processor, "image_token", None)
-        if token:
-            return int(self.tokenizer.convert_tokens_to_ids(token))
-        raise UnsupportedModelError(
-            f"{type(self.model).__name__}: cannot find the image token id (config keys image_token_id / "
-            "image_token_index, or the processor's image_token)"
-        )
+    # ------------------------------------------------------------------ parts
+    @property
+    def decoder(self) -> torch.nn.Module:
+        """The decoder stack (the module holding `decoder_layers`)."""
+        return self._decoder
 
-    def _find_decoder(self):
-        dec = self.model.get_decoder() if hasattr(self.model, "get_decoder") else None
-        if dec is not None and not hasattr(dec, "layers") and hasattr(getattr(dec, "model", None), "layers"):
-            # the language model kept whole as a *ForCausalLM (Llama 4): its get_decoder() is
-            # itself; the layer list is one level down, in its base model
-            dec = dec.model
-        if dec is None or not hasattr(dec, "layers"):
-            for name in ("language_model", "text_model"):
-                sub = getattr(getattr(self.model, "model", self.model), name, None)
-                if sub is not None and hasattr(sub, "layers"):
-                    return sub
-            raise UnsupportedModelError(
-                f"{type(self.model).__name__} ({self.model_type}): cannot find the decoder's layer list "
-                "(no get_decoder().layers, language_model.layers or text_model.layers)")
-        return dec
+    @property
+    def decoder_layers(self) -> torch.nn.ModuleList:
+        """The decoder layers, (num_layers,) in order."""
+        return self._decoder.layers
+
+    def attention(self, layer: int) -> torch.nn.Module:
+        """The self-attention sublayer of decoder layer `layer` (raises UnsupportedModelError)."""
+        return parts.attention_of(self._decoder.layers[layer])
+
+    def mlp(self, layer: int) -> torch.nn.Module:
+        """The MLP sublayer of decoder layer `layer` (raises UnsupportedModelError)."""
+        return parts.mlp_of(self._decoder.layers[layer])
+
+    @property
+    def attn_implementation(self) -> str:
+        """The decoder's attention implementation (``"sdpa"``, ``"eager"``...)."""
+        return parts.attn_implementation(self.model)
+
+    @property
+    def projector(self) -> torch.nn.Module:
+        """The multimodal projector (LLaVA-style models; raises UnsupportedModelError)."""
+        return parts.projector_of(self.model)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -323,7 +225,8 @@ class VLMAdapter:
 
     @property
     def text_config(self):
-        return self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
+        """The language model's config (`parts.text_config`)."""
+        return parts.text_config(self.config)
 
     @property
     def num_layers(self) -> int:
@@ -353,12 +256,7 @@ class VLMAdapter:
 
     @property
     def final_norm(self) -> torch.nn.Module:
-        norm = getattr(self._decoder, "norm", None)
-        if norm is None:
-            norm = getattr(self._decoder, "final_layernorm", None)
-        if norm is None:
-            raise AttributeError(f"{type(self._decoder).__name__} has no final norm")
-        return norm
+        return parts.final_norm_of(self._decoder)
 
     @property
     def lm_head(self) -> torch.nn.Module:
@@ -422,14 +320,10 @@ class VLMAdapter:
 
     # ------------------------------------------------------------------ inputs
     def format_prompt(self, prompt: str) -> str:
-        """The text for one image + `prompt`: the chat template's user turn with the generation
-        prompt when the processor has a template, else the architecture's placeholder."""
-        template = getattr(self.processor, "chat_template", None)
-        if template:
-            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-            return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        image = getattr(self.processor, "image_token", None) or "<image>"
-        return self.overrides.placeholder.format(image=image, prompt=prompt)
+        """The text for one image + `prompt` (`embedlens.models.prompt.format_prompt`): the
+        chat template's user turn with the generation prompt when the processor has a
+        template, else the architecture's placeholder."""
+        return _prompt.format_prompt(self.processor, prompt, self.overrides.placeholder)
 
     def prepare(self, images: Sequence[Any], prompt: str | Sequence[str]) -> PreparedBatch:
         """Processor inputs for `images` (one per row) with `prompt` (one, or one per image),
@@ -471,32 +365,12 @@ class VLMAdapter:
         return PreparedBatch(inputs, texts, positions, layouts, contexts)
 
     # ------------------------------------------------------------------ forward
-    def _vision_tower(self):
-        roots = [getattr(self.model, "model", None), self.model]
-        for root in roots:
-            for name in _VISION_ATTRS:
-                sub = getattr(root, name, None) if root is not None else None
-                if isinstance(sub, torch.nn.Module):
-                    return sub
-        raise UnsupportedModelError(
-            f"{type(self.model).__name__} ({self.model_type}): cannot find the vision encoder (looked for "
-            f"{', '.join(_VISION_ATTRS)}); set extraction.vision_layers: [] to store LLM states only")
+    def _vision_tower(self) -> torch.nn.Module:
+        return parts.vision_tower_of(self.model)
 
     def _vision_layers(self) -> torch.nn.ModuleList:
         if self._vision_layers_list is None:
-            tower = self._vision_tower()
-            vc = self.vision_config
-            want = getattr(vc, "num_hidden_layers", None) or getattr(vc, "depth", None)
-            candidates = [
-                m for _, m in tower.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 0
-            ]
-            exact = [m for m in candidates if want is not None and len(m) == want]
-            pool = exact or candidates
-            if not pool:
-                raise UnsupportedModelError(
-                    f"{type(tower).__name__}: cannot find the vision encoder's layer list; set "
-                    "extraction.vision_layers: [] to store LLM states only")
-            self._vision_layers_list = max(pool, key=len)
+            self._vision_layers_list = parts.vision_layers_of(self.model)
         return self._vision_layers_list
 
     @staticmethod

@@ -16,16 +16,16 @@ from __future__ import annotations
 import importlib
 import importlib.util
 
-from embedlens.testing import tiny as _t  # tiny imports this module at its end; only _t.x inside functions
+from embedlens.testing import tiny_common as _t  # the helpers shared with `tiny`
 
 
 def _video_less_processor(cls, video_type: str, video_cfg: dict, **kwargs):
     """A processor whose (declared) video processor needs torchvision: built with the real video
     processor where it can be, else with none (images only) and saved with the video config a
-    real one would write, so machines with torchvision load one (like `tiny._qwen_processor`)."""
+    real one would write, so machines with torchvision load one (like `tiny_common._qwen_processor`)."""
     import transformers
 
-    from embedlens.models.adapter import optional_video_processor
+    from embedlens.models.loading import optional_video_processor
 
     try:
         video = getattr(transformers, video_type)(**video_cfg)

@@ -2,13 +2,12 @@
 
 Builders return (config, processor) like the ones in `embedlens.testing.tiny`; sizes follow
 its conventions (hidden 32, 2 decoder layers, 2 vision layers, patch 4, 16-48 px images).
-`tiny` imports this module at its end, so its helpers are reached as ``_t.<name>`` inside the
-builders (never at import time).
+The shared helpers are reached as ``_t.<name>`` (`embedlens.testing.tiny_common`).
 """
 
 from __future__ import annotations
 
-from embedlens.testing import tiny as _t
+from embedlens.testing import tiny_common as _t
 
 # Chat templates modelled on the real checkpoints (same turn markers and image placeholders).
 _TEMPLATES = {
@@ -38,7 +37,7 @@ def _video_stub_processor(cls, tok, image_processor, template: str, video_type: 
     `video_type` would write, so a machine with torchvision loads one (as `tiny._qwen_processor`)."""
     import transformers
 
-    from embedlens.models.adapter import optional_video_processor
+    from embedlens.models.loading import optional_video_processor
 
     try:
         video = getattr(transformers, video_type)(**video_cfg)

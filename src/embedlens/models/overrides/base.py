@@ -123,6 +123,11 @@ class ArchOverrides:
     #: Checked for every registered architecture in tests/test_models.py.
     truncate_after_image: bool = False
 
+    #: ``token_type_ids`` value of text tokens appended after the prompt (answers scored by
+    #: the compression benchmark). 0 marks text for most models (Gemma 3: 1 marks image
+    #: tokens; Qwen: 0 = text); PaliGemma overrides it (its prefix is bidirectional).
+    answer_token_type: int = 0
+
     def layout(self, ctx: ImageContext) -> TokenLayout:
         """Single-view square grid when the vision config says so (image_size / patch_size
         patches per side, one LLM token each: LLaVA-1.5, PaliGemma); otherwise the grid is
@@ -160,6 +165,18 @@ class ArchOverrides:
 
     def processor_kwargs(self) -> dict:
         return {}
+
+    def projector_input(self, model, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The vision features the model feeds its multimodal projector for `pixel_values`
+        (B, 3, H, W): (B, n_tok, vd). Used to precompute features for projector training.
+
+        Raises:
+            NotImplementedError: the architecture has no such rule here (only LLaVA has one).
+        """
+        raise NotImplementedError(
+            f"{type(model).__name__} ({getattr(model.config, 'model_type', '?')}): no rule for the vision "
+            "features fed to the projector; projector training supports LLaVA-style models (model_type "
+            "'llava', e.g. embedlens-mini), or add projector_input to this architecture's overrides")
 
 
 # --------------------------------------------------------------------------- registry

@@ -38,6 +38,10 @@ class PaliGemmaOverrides(ArchOverrides):
 
     placeholder = "{image}{prompt}"
     truncate_after_image = False  # prefix-LM: the image tokens attend to the prompt after them
+    # Only tokens with token_type_ids == 1 (the "suffix") are causal; an answer appended with
+    # the prefix's 0 would let every answer token see the answer tokens after it, so its
+    # log-likelihood would be meaningless.
+    answer_token_type = 1
 
 
 register_overrides("gemma3", Gemma3Overrides)

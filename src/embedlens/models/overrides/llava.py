@@ -33,6 +33,22 @@ class LlavaOverrides(ArchOverrides):
         return None
 
 
+    def projector_input(self, model, pixel_values):
+        """Vision features exactly as ``LlavaModel.get_image_features`` selects them before
+        its projector: the tower's ``hidden_states`` at ``vision_feature_layer`` (one index
+        or a list, concatenated on the feature axis), CLS dropped by the "default" strategy."""
+        from embedlens.models.parts import vision_tower_of
+
+        cfg = model.config
+        layer = cfg.vision_feature_layer
+        out = vision_tower_of(model)(pixel_values, output_hidden_states=True, return_dict=True)
+        layers = [layer] if isinstance(layer, int) else list(layer)
+        hs = [out.hidden_states[i] for i in layers]
+        if cfg.vision_feature_select_strategy == "default":
+            hs = [h[:, 1:] for h in hs]
+        return torch.cat(hs, dim=-1)
+
+
 class LlavaNextOverrides(ArchOverrides):
     """LLaVA-NeXT any-res: base view (h x w) then the unpadded crop grid with a separator
     (``image_newline``) ending each row. Grid = the unpadded crop grid (the finest view)."""

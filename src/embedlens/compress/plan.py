@@ -1,0 +1,109 @@
+"""Planning: what one intervention does to one captured sequence, as boolean masks over its
+positions (methods.md §4). Pruning/keeping/random_matched remove tokens before layer 0
+(``keep``), ``skip`` zeroes sublayer updates (``skip`` + ``sublayers``), ``inject``/``exit``
+leave tokens out of some layers (``absent`` + ``absent_layers``); :mod:`.hooks` and
+:func:`.interventions.forward` carry the masks out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .sequences import TokenSequence
+from .spec import Intervention, resolve_groups
+
+
+@dataclass
+class Plan:
+    """What an intervention does to one sequence (all masks over its S positions).
+
+    ``keep``: tokens present in the rebuilt input sequence; ``skip``: tokens whose
+    residual updates are zeroed at ``sublayers``; ``absent``: tokens left out of the
+    decoder layers in ``absent_layers``.
+    """
+
+    keep: torch.Tensor
+    skip: torch.Tensor
+    sublayers: tuple[float, ...] = ()
+    absent: torch.Tensor | None = None
+    absent_layers: frozenset[int] = frozenset()
+    n_visual: int = 0
+    n_removed: int = 0
+
+    def visual_per_layer(self, num_layers: int, visual: torch.Tensor) -> list[int]:
+        v = int((visual & self.keep).sum())
+        va = int((visual & self.keep & self.absent).sum()) if self.absent is not None else 0
+        return [v - va if layer in self.absent_layers else v for layer in range(num_layers)]
+
+
+def _rng_for(seed: int, image_id: str) -> np.random.Generator:
+    # A stable hash (Python's hash() is salted per process) of (seed, image): the same image
+    # gets the same deletion in every batch, order and process.
+    digest = hashlib.sha256(f"{int(seed)}\x00{image_id}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+def random_matched_removal(labels: Sequence[str], groups: Iterable[str], seed: int, image_id: str) -> np.ndarray:
+    """Indices (into the visual tokens; sorted, (n_removed,) int64) that random_matched
+    deletes for one image whose visual tokens carry `labels`."""
+    lab = np.asarray(labels, dtype=object)
+    in_g = np.isin(lab, list(resolve_groups(groups)))
+    n = int(in_g.sum())
+    comp = np.flatnonzero(~in_g)
+    if n == 0 or comp.size == 0:
+        return np.zeros(0, dtype=np.int64)  # fixes the reference's "delete everything"
+    pick = _rng_for(seed, image_id).choice(comp.size, size=min(n, comp.size), replace=False)
+    return np.sort(comp[pick])
+
+
+def plan_for(seq: TokenSequence, labels: Sequence[str], iv: Intervention, num_layers: int) -> Plan:
+    """The plan of intervention `iv` on `seq`, whose visual tokens carry `labels` (n_visual,),
+    for a decoder of `num_layers` layers: masks (S,) over the sequence's positions.
+
+    Raises:
+        ValueError: `labels` do not match the sequence's visual tokens in number, or a
+            skip/inject/exit layer lies beyond `num_layers`.
+    """
+    S = len(seq)
+    dev = seq.input_ids.device
+    if len(labels) != seq.n_visual:
+        raise ValueError(
+            f"image {seq.image_id!r}: {len(labels)} categorized tokens but the prompt holds "
+            f"{seq.n_visual} visual tokens; categories must come from the same model and images"
+        )
+    lab = np.asarray(labels, dtype=object)
+    vis_sel = np.zeros(seq.n_visual, dtype=bool)
+    if iv.groups:
+        vis_sel = np.isin(lab, list(iv.labels))
+    keep = torch.ones(S, dtype=torch.bool, device=dev)
+    sel = torch.zeros(S, dtype=torch.bool, device=dev)
+    sel[seq.visual_pos[torch.as_tensor(vis_sel, device=dev)]] = True
+    plan = Plan(keep=keep, skip=torch.zeros(S, dtype=torch.bool, device=dev), n_visual=seq.n_visual)
+    if iv.op == "prune":
+        keep &= ~sel
+    elif iv.op == "keep":
+        visual = torch.zeros(S, dtype=torch.bool, device=dev)
+        visual[seq.visual_pos] = True
+        keep &= ~(visual & ~sel)
+    elif iv.op == "random_matched":
+        rm = random_matched_removal(lab, iv.groups, iv.seed, seq.image_id)
+        keep[seq.visual_pos[torch.as_tensor(rm, dtype=torch.long, device=dev)]] = False
+    elif iv.op == "skip":
+        bad = [s for s in iv.sublayers if s >= num_layers]
+        if bad:
+            raise ValueError(f"skip: sublayers {bad} beyond the model's {num_layers} layers")
+        plan.skip = sel
+        plan.sublayers = iv.sublayers
+    elif iv.op in ("inject", "exit"):
+        if iv.layer > num_layers:
+            raise ValueError(f"{iv.op}({iv.layer}): the model has {num_layers} decoder layers")
+        layers = range(0, iv.layer) if iv.op == "inject" else range(iv.layer, num_layers)
+        plan.absent = sel
+        plan.absent_layers = frozenset(layers)
+    plan.n_removed = int((~keep).sum())
+    return plan

@@ -1,0 +1,139 @@
+"""What an intervention on the visual tokens is (methods.md §4): token groups, the
+operations and their parameters. Pure data; nothing here touches a model.
+
+Token groups: a visual token's group is its categorize label (``vit_sink``, ``llm_sink``,
+``dead``, ``alive``; methods.md §1). Aliases: ``sink``/``sinks`` = ``vit_sink`` +
+``llm_sink``; ``visual``/``all`` = every visual token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+LABELS = ("vit_sink", "llm_sink", "dead", "alive")
+GROUP_ALIASES = {
+    "sink": ("vit_sink", "llm_sink"),
+    "sinks": ("vit_sink", "llm_sink"),
+    "visual": LABELS,
+    "all": LABELS,
+}
+OPS = ("baseline", "prune", "keep", "random_matched", "skip", "inject", "exit")
+
+
+def resolve_groups(groups: Iterable[str]) -> frozenset[str]:
+    """Group names (labels or aliases) -> the set of labels they cover."""
+    out: set[str] = set()
+    for g in groups:
+        if g in LABELS:
+            out.add(g)
+        elif g in GROUP_ALIASES:
+            out.update(GROUP_ALIASES[g])
+        else:
+            raise ValueError(
+                f"unknown token group {g!r}; choose from {', '.join(LABELS)} "
+                f"or the aliases {', '.join(GROUP_ALIASES)}"
+            )
+    return frozenset(out)
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """One intervention (methods.md §4). Build with the functions below."""
+
+    op: str
+    groups: tuple[str, ...] = ()
+    seed: int | None = None
+    sublayers: tuple[float, ...] = ()  # skip: n = attention of layer n, n + 0.5 = MLP
+    layer: int | None = None  # inject / exit
+
+    def __post_init__(self) -> None:
+        if self.op not in OPS:
+            raise ValueError(f"unknown intervention {self.op!r}; choose from {', '.join(OPS)}")
+        resolve_groups(self.groups)
+        for s in self.sublayers:
+            if not (float(s) * 2).is_integer() or s < 0:
+                raise ValueError(f"sublayer {s!r}: use n (attention of layer n) or n + 0.5 (MLP)")
+        if self.op in ("inject", "exit") and (self.layer is None or self.layer < 0):
+            raise ValueError(f"{self.op} needs a layer >= 0, got {self.layer!r}")
+        if self.op == "random_matched" and self.seed is None:
+            raise ValueError("random_matched needs a seed")
+
+    @property
+    def labels(self) -> frozenset[str]:
+        return resolve_groups(self.groups)
+
+    def describe(self) -> str:
+        g = "+".join(self.groups)
+        if self.op == "baseline":
+            return "baseline"
+        if self.op in ("prune", "keep"):
+            return f"{self.op}({g})"
+        if self.op == "random_matched":
+            return f"random_matched({g}, seed={self.seed})"
+        if self.op == "skip":
+            return f"skip({g}, {list(self.sublayers)})"
+        return f"{self.op}({self.layer})"
+
+
+def baseline() -> Intervention:
+    """No intervention: the model's own forward on the captured sequence."""
+    return Intervention("baseline")
+
+
+def prune(groups: Sequence[str]) -> Intervention:
+    """Delete the visual tokens of `groups` before layer 0 (original position ids kept)."""
+    return Intervention("prune", tuple(groups))
+
+
+def keep(groups: Sequence[str]) -> Intervention:
+    """Keep only the visual tokens of `groups` (the complement of :func:`prune`)."""
+    return Intervention("keep", tuple(groups))
+
+
+def random_matched(groups: Sequence[str], seed: int) -> Intervention:
+    """Per image, delete as many randomly chosen visual tokens from the *complement* of
+    `groups` as `groups` hold (the reference's matched-size control).
+
+    An image whose groups are empty loses nothing. The reference deletes every visual
+    token in that case (its index selection degenerates on an empty set); that is a bug
+    of the control, not a property of it, and this project fixes it (reported as a
+    deviation). When the complement is smaller than the groups, all of it is deleted.
+    The choice is a function of (seed, image_id) only, so it is the same for every
+    question about an image, in any batch and any order.
+    """
+    return Intervention("random_matched", tuple(groups), seed=int(seed))
+
+
+def skip(groups: Sequence[str], sublayers: Iterable[float]) -> Intervention:
+    """Zero the residual update of `sublayers` for the tokens of `groups` (prefill).
+
+    Sublayer ``n`` is the attention of decoder layer ``n`` (0-based), ``n + 0.5`` its MLP.
+    The tokens still provide keys and values to the others.
+    """
+    subs = tuple(sorted({float(s) for s in sublayers}))
+    return Intervention("skip", tuple(groups), sublayers=subs)
+
+
+def inject(layer: int) -> Intervention:
+    """Visual tokens bypass layers ``< layer``: the text runs alone through them, and the raw
+    ``h[0]`` visual tokens join at their positions at the input of `layer`.
+    ``inject(0)`` is the baseline; ``inject(num_layers)`` never lets the text see them."""
+    return Intervention("inject", ("visual",), layer=int(layer))
+
+
+def exit(layer: int) -> Intervention:  # noqa: A001 - the name methods.md §4 uses
+    """All visual tokens are dropped at the input of `layer` (absent from it on).
+    ``exit(num_layers)`` is the baseline; ``exit(0)`` equals pruning every visual token."""
+    return Intervention("exit", ("visual",), layer=int(layer))
+
+
+exit_at = exit  # for callers that prefer not to shadow the builtin
+
+
+def sublayers_for(kind: str, layers: Iterable[int]) -> tuple[float, ...]:
+    """``"attn" | "mlp" | "both"`` over `layers` -> the sublayer numbers of :func:`skip`."""
+    offs = {"attn": (0.0,), "mlp": (0.5,), "both": (0.0, 0.5)}
+    if kind not in offs:
+        raise ValueError(f"sublayers must be 'attn', 'mlp', 'both' or a list of numbers, got {kind!r}")
+    return tuple(sorted(float(n) + o for n in layers for o in offs[kind]))
