@@ -79,8 +79,6 @@ rule collect_text_states:
         gpu=lambda wc: uses_gpu(wc.model),
     log:
         "logs/collect_text_states/{model}/{dataset}.log",
-    benchmark:
-        benchmark_file("collect_text_states")
     conda:
         "../envs/analyze.yaml"
     shell:

@@ -174,10 +174,11 @@ def analysis_paths(model, dataset):
         "hidden": f"results/hidden/{model}/{dataset}/hidden.json",
         "vocab": f"results/hidden/{model}/vocab.zarr",
         "categorize": f"{base}/categorize",
-        "lens": f"{base}/lens.zarr",
+        "lens": f"{base}/lens",
         "probe": f"{base}/probe",
+        "text_states": f"{base}/text_states",
         "align": f"{base}/align",
-        "compress": f"{base}/compress.parquet",
+        "compress": f"{base}/compress",
     }
 
 
@@ -194,15 +195,11 @@ def model_id(model):
 
 
 def benchmark_file(step, model="{model}", dataset="{dataset}", shard="{shard}"):
-    """Where the Snakemake benchmark (wall-clock seconds, memory) of a job of `step` goes.
-
-    Only the jobs whose outputs record no running time of their own have one; the
-    categorize, lens, probe and align summaries carry their own `seconds`. With the
-    defaults this is the pattern of the `benchmark` directive; with values (shard="*")
-    it is the glob the report reads (report_timings)."""
-    if step == "extract_hidden":
-        return f"logs/benchmarks/{step}/{model}/{dataset}/shard-{shard}.tsv"
-    return f"logs/benchmarks/{step}/{model}/{dataset}.tsv"
+    """Where the Snakemake benchmark (wall-clock seconds, memory) of an extraction shard
+    goes: the only step whose outputs record no running time of their own (every other
+    step's summary.json carries `seconds`). With the defaults this is the pattern of the
+    `benchmark` directive; with shard="*" it is the glob the report reads (report_timings)."""
+    return f"logs/benchmarks/{step}/{model}/{dataset}/shard-{shard}.tsv"
 
 
 def report_timings(model, dataset):
@@ -210,8 +207,7 @@ def report_timings(model, dataset):
 
     Globs, not the shard list: that is known only after the materialize checkpoint, and
     params that read a checkpoint make Snakemake re-plan finished jobs (see has_vqa)."""
-    steps = ["extract_hidden", "collect_text_states"] + (["compress_benchmark"] if has_vqa(dataset) else [])
-    return {step: benchmark_file(step, model, dataset, shard="*") for step in steps}
+    return {"extract_hidden": benchmark_file("extract_hidden", model, dataset, shard="*")}
 
 
 def report_parameters(wc):
@@ -228,10 +224,11 @@ def report_parameters(wc):
         "hidden_index": paths["hidden"],
         "vocab": paths["vocab"],
         "categorize_dir": paths["categorize"],
-        "lens_path": paths["lens"],
+        "lens_dir": paths["lens"],
         "probe_dir": paths["probe"],
+        "text_states_dir": paths["text_states"],
         "align_dir": paths["align"],
-        "compress_parquet": paths["compress"] if has_vqa(wc.dataset) else None,
+        "compress_dir": paths["compress"] if has_vqa(wc.dataset) else None,
         "n_sample_images": CFG["report"]["n_sample_images"],
         "n_sample_patches": CFG["report"]["n_sample_patches"],
     }, sort_keys=True)
@@ -249,6 +246,6 @@ def summary_entries(wc):
             "categorize_dir": paths["categorize"],
             "align_dir": paths["align"],
             "probe_dir": paths["probe"],
-            "compress_parquet": paths["compress"] if has_vqa(dataset) else None,
+            "compress_dir": paths["compress"] if has_vqa(dataset) else None,
         })
     return json.dumps(entries, sort_keys=True)

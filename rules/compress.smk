@@ -9,7 +9,7 @@ rule compress_benchmark:
         align="results/analysis/{model}/{dataset}/align",
         dataset="results/datasets/{dataset}",
     output:
-        "results/analysis/{model}/{dataset}/compress.parquet",
+        directory("results/analysis/{model}/{dataset}/compress"),
     params:
         model_dir=lambda wc: model_dir(wc.model),
         settings=lambda wc: json.dumps(
@@ -20,13 +20,11 @@ rule compress_benchmark:
         gpu=lambda wc: uses_gpu(wc.model),
     log:
         "logs/compress_benchmark/{model}/{dataset}.log",
-    benchmark:
-        benchmark_file("compress_benchmark")
     conda:
         "../envs/analyze.yaml"
     shell:
         "embedlens compress --model-dir {params.model_dir:q} {params.trust} "
         "--dataset-dir {input.dataset} --categories {input.categories} "
-        "--align-summary {input.align}/align_summary.json --settings {params.settings:q} "
+        "--align {input.align} --settings {params.settings:q} "
         "--model-name {wildcards.model} --dataset-name {wildcards.dataset} "
         "--out {output} > {log} 2>&1"

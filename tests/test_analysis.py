@@ -375,9 +375,9 @@ def test_layer_lens_embedding_and_logit_lens(tmp_path):
     norm = torch.nn.RMSNorm(d, eps=1e-6)
     with torch.no_grad():
         norm.weight.copy_(torch.rand(d) + 0.5)
-    info = layer_lens(store, voc, tmp_path / "lens.zarr", top_k=3, lm_head=head, final_norm=norm,
+    info = layer_lens(store, voc, tmp_path / "lens", top_k=3, lm_head=head, final_norm=norm,
                       num_layers=2, progress=False, vocab_block=7, max_block_bytes=1)
-    lens = open_lens(tmp_path / "lens.zarr")
+    lens = open_lens(tmp_path / "lens")
     assert dict(lens["emb_id"].sizes) == {"image": 3, "layer": 3, "token": 4, "k": 3}
     assert info["results"]["final_norm_applied_by_lens"] == {"0": True, "1": True, "2": False}
     assert lens["emb_id"].values[2, :, 3].tolist() == [[-1] * 3] * 3
@@ -400,8 +400,8 @@ def test_layer_lens_embedding_and_logit_lens(tmp_path):
                                    lp.gather(-1, exp_log).detach().numpy()[valid], atol=1e-4)
     assert lens["image_id"].values.tolist() == ["img000", "img001", "img002"]
     # subset of images, no head → embedding lens only
-    info2 = layer_lens(store, voc, tmp_path / "lens2.zarr", top_k=2, images=["img001"], progress=False)
-    lens2 = open_lens(tmp_path / "lens2.zarr")
+    info2 = layer_lens(store, voc, tmp_path / "lens2", top_k=2, images=["img001"], progress=False)
+    lens2 = open_lens(tmp_path / "lens2")
     assert "logit_id" not in lens2 and lens2.sizes["image"] == 1 and not info2["results"]["logit_lens"]
 
 

@@ -87,10 +87,10 @@ def test_categorize_on_the_lazy_store_matches_brute_force(setup, tmp_path):
 
 def test_logit_lens_last_layer_equals_the_model_logits(setup, tmp_path):
     hidden, adapter = setup["hidden"], setup["adapter"]
-    info = layer_lens(hidden, setup["vocab"], tmp_path / "lens.zarr", top_k=3, lm_head=adapter.lm_head,
+    info = layer_lens(hidden, setup["vocab"], tmp_path / "lens", top_k=3, lm_head=adapter.lm_head,
                       final_norm=adapter.final_norm, exclude_special=False, progress=False)
     assert info["results"]["num_layers"] == 2 and info["results"]["final_norm_applied_by_lens"] == {"0": True, "1": True, "2": False}
-    lens = open_lens(tmp_path / "lens.zarr")
+    lens = open_lens(tmp_path / "lens")
     ds = load_dataset(setup["data"])
     batch = adapter.prepare([ds.image(5)], hidden.attrs["prompt"])
     with torch.inference_mode():

@@ -344,7 +344,7 @@ def test_baseline_scores_items_exactly_as_eval_model(models, tmp_path):
     ds_dir = materialize("held", {"source": "synthetic", "n_images": 4, "seed": EVAL_DATA_SEED,
                                   "image_size": 224, "grid": 8, "p_letter": 0.6}, tmp_path / "held")
     cats = _random_categories(ds_dir, adapter, tmp_path / "categories.parquet")
-    run_compress(path, ds_dir, cats, [{"op": "baseline"}], tmp_path / "c.parquet", repeats=1,
+    run_compress(path, ds_dir, cats, [{"op": "baseline"}], tmp_path / "c", repeats=1,
                  latency_items=1, progress=False, items_out=tmp_path / "items.parquet")
     ours = pd.read_parquet(tmp_path / "items.parquet").set_index("item_id")
     report = evaluate_model(path, n_items=4, seed=EVAL_DATA_SEED, projector="model", captions=False,
@@ -374,13 +374,16 @@ def test_run_compress_end_to_end_and_batch_invariance(models, tmp_path):
         {"op": "exit", "layer": 1},
     ]
     kw = dict(n_items=4, repeats=1, latency_items=1, progress=False)
-    t1 = run_compress(path, ds_dir, cats, conditions, tmp_path / "b1.parquet", batch_size=1,
+    t1 = run_compress(path, ds_dir, cats, conditions, tmp_path / "b1", batch_size=1,
                       items_out=tmp_path / "i1.parquet", **kw)
-    t7 = run_compress(path, ds_dir, cats, conditions, tmp_path / "b7.parquet", batch_size=7,
+    t7 = run_compress(path, ds_dir, cats, conditions, tmp_path / "b7", batch_size=7,
                       items_out=tmp_path / "i7.parquet", **kw)
-    on_disk = pd.read_parquet(tmp_path / "b7.parquet")
+    from embedlens.compress.steps import read_compress
+
+    out = read_compress(tmp_path / "b7")
+    on_disk = out.table("compress")
     assert len(on_disk) == len(t7)
-    assert {n["procedure"] for n in on_disk.attrs["methods_notes"]} >= {"mc_scoring", "flops_formula"}
+    assert {n["procedure"] for n in out.summary["methods_notes"]} >= {"mc_scoring", "flops_formula"}
     for col in ("condition", "op", "seed", "item_type", "n_items", "accuracy", "ci_low", "ci_high",
                 "tokens_kept", "flops", "latency_ms", "peak_mem_mb"):
         assert col in on_disk.columns

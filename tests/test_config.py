@@ -62,6 +62,7 @@ def test_model_extraction_overrides_global():
 # Workflow defaults that deliberately differ from the library's, with the reason.
 WORKFLOW_CHOICES = {
     ("lens", "max_images"): "the lens is per token x layer x k; 16 images keep `make run` cheap",
+    ("compress", "n_items"): "24 VQA items keep `make run` cheap; the library scores every item",
 }
 
 
@@ -89,6 +90,20 @@ def test_defaults_are_the_schema_defaults_and_match_the_signatures():
                 assert (list(default) if isinstance(default, tuple) else default) == value, (step, key)
             elif step == "categorize":
                 assert DISCOVERY[key] == value, key
+    from embedlens.compress.benchmark import run_compress
+    from embedlens.mini import train
+
+    params = inspect.signature(run_compress).parameters
+    for key, value in DEFAULTS["compress"].items():
+        if (("compress", key) in WORKFLOW_CHOICES):
+            assert params[key].default != value
+        elif key in params and params[key].default is not inspect.Parameter.empty:
+            default = params[key].default
+            assert (list(default) if isinstance(default, tuple) else default) == value, ("compress", key)
+        else:  # compress_step's own keys
+            assert key in ("conditions", "use_best_aligned_layer"), key
+    mini = DEFAULTS["embedlens_mini"]
+    assert (mini["steps"], mini["batch_size"]) == (train.DEFAULT_STEPS, train.DEFAULT_BATCH)
     fields = {f.name: f.default for f in dataclasses.fields(ExtractSettings)}
     for key, value in DEFAULTS["extraction"].items():
         if key != "shard_size":  # planning, not extraction: one store per shard_size images

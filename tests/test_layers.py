@@ -84,3 +84,36 @@ def _cycles(package: str) -> list[list[str]]:
 def test_no_import_cycles():
     pytest.importorskip("grimp")
     assert _cycles("embedlens") == []
+
+
+def _documented_modules() -> set[str]:
+    """The module paths the "Where things live" map of docs/architecture.md names (a row's
+    later bare names are in the directory of its first path)."""
+    import re
+
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    section = text.split("## Where things live", 1)[1].split("\n## ", 1)[0]
+    out: set[str] = set()
+    for line in section.splitlines():
+        if not line.startswith("| `"):
+            continue
+        names = re.findall(r"`([^`]+)`", line.split(" | ")[0])
+        base = ""
+        for name in names:
+            if "/" in name:
+                base = name if name.endswith("/") else name.rsplit("/", 1)[0] + "/"
+                path = name
+            else:
+                path = base + name
+            if path.endswith(".py"):
+                out.add(path)
+    return out
+
+
+def test_where_things_live_map_matches_the_tree():
+    src = ROOT / "src" / "embedlens"
+    actual = {str(p.relative_to(src)) for p in src.rglob("*.py")
+              if p.name not in ("__init__.py", "__main__.py") and "__pycache__" not in p.parts}
+    documented = _documented_modules()
+    assert documented - actual == set(), "the map names modules that do not exist"
+    assert actual - documented == set(), "modules missing from docs/architecture.md's map"

@@ -57,7 +57,7 @@ def labelled_outputs(tmp_path_factory):
     cat = root / "analysis" / "categorize"
     categorize(hidden, root / "vocab.zarr", cat, labels=labels, device="cpu", progress=False,
                model="tiny-llava", dataset="synthetic")
-    layer_lens(hidden, root / "vocab.zarr", root / "analysis" / "lens.zarr", lm_head=adapter.lm_head,
+    layer_lens(hidden, root / "vocab.zarr", root / "analysis" / "lens", lm_head=adapter.lm_head,
                final_norm=adapter.final_norm, max_images=4, device="cpu", progress=False)
     probe(hidden, cat, labels, root / "analysis" / "probe", n_bootstrap=30, vocab=root / "vocab.zarr",
           progress=False)
@@ -67,14 +67,14 @@ def labelled_outputs(tmp_path_factory):
     conditions = [{"op": "baseline"}, {"name": "prune_dead", "op": "prune", "groups": ["dead"]},
                   {"name": "random_dead", "op": "random_matched", "groups": ["dead"], "seeds": [0, 1]},
                   {"op": "skip", "groups": ["visual"], "sublayers": "mlp"}, {"op": "inject", "layer": 1}]
-    run_compress(model, ds, cat / "categories.parquet", conditions, root / "analysis" / "compress.parquet",
+    run_compress(model, ds, cat / "categories.parquet", conditions, root / "analysis" / "compress",
                  n_items=8, repeats=1, latency_items=2, device="cpu", progress=False)
     return {
         "model": "tiny-llava", "dataset": "synthetic", "dataset_dir": str(ds),
         "hidden_index": str(root / "hidden" / "hidden.json"), "vocab": str(root / "vocab.zarr"),
-        "categorize_dir": str(cat), "lens_path": str(root / "analysis" / "lens.zarr"),
+        "categorize_dir": str(cat), "lens_dir": str(root / "analysis" / "lens"),
         "probe_dir": str(root / "analysis" / "probe"), "align_dir": str(root / "analysis" / "align"),
-        "compress_parquet": str(root / "analysis" / "compress.parquet"),
+        "compress_dir": str(root / "analysis" / "compress"),
         "config_hash": "test-config", "timings": {"extract_hidden": 1.25},
     }
 
@@ -102,8 +102,8 @@ def unlabelled_outputs(tmp_path_factory):
     return {
         "model": "tiny-qwen2-vl", "dataset": "photos", "dataset_dir": str(ds),
         "hidden_index": str(root / "hidden" / "hidden.json"), "vocab": str(root / "vocab.zarr"),
-        "categorize_dir": str(cat), "lens_path": None, "probe_dir": str(root / "analysis" / "probe"),
-        "align_dir": str(root / "analysis" / "align"), "compress_parquet": None,
+        "categorize_dir": str(cat), "lens_dir": None, "probe_dir": str(root / "analysis" / "probe"),
+        "align_dir": str(root / "analysis" / "align"), "compress_dir": None,
     }
 
 
@@ -199,7 +199,7 @@ def test_report_without_labels_anchors_lens_or_vqa_says_why(unlabelled_report, b
     assert all(s in headings for s in REPORT_SECTIONS)
     assert "no labels" in _section(page, "Probe accuracy and selectivity")
     assert "Not shown:" in _section(page, "Probe accuracy and selectivity")
-    assert "lens.zarr" in _section(page, "Nearest words by layer")
+    assert "layer-lens output" in _section(page, "Nearest words by layer")
     assert "no multiple-choice VQA items" in _section(page, "Compression benchmark")
     anchors = _section(page, "Anchors and evidence")
     assert "discovered" in anchors and "No anchor for" in anchors
@@ -215,7 +215,7 @@ def test_summary_links_every_report(labelled_report, unlabelled_report, labelled
     for outputs, html in ((labelled_outputs, labelled_report), (unlabelled_outputs, unlabelled_report)):
         entries.append({"model": outputs["model"], "dataset": outputs["dataset"], "report_html": str(html),
                         "categorize_dir": outputs["categorize_dir"], "align_dir": outputs["align_dir"],
-                        "compress_parquet": outputs["compress_parquet"]})
+                        "compress_dir": outputs["compress_dir"]})
     index = render_summary(SUMMARY_TEMPLATE, reports_dir / "index.html", reports_dir / "index.ipynb", entries)
     text = Path(index).read_text()
     hrefs = re.findall(r'href="([^"#]+\.html)"', text)
@@ -348,7 +348,7 @@ def test_workflow_gives_the_report_its_config_hash_and_timings(unlabelled_output
                "datasets": {dataset: {"source": "skimage", "limit": 2}}},
         f"results/reports/{model}/{dataset}.html")
     assert params["config_hash"] == config_hash(load_config(work / "config.yaml"), model, dataset)
-    assert set(params["timings"]) == {"extract_hidden", "collect_text_states"}  # no VQA items: no compress job
+    assert set(params["timings"]) == {"extract_hidden"}  # every other step records its seconds in summary.json
     # what Snakemake's `benchmark:` writes for the two extraction shards (tab-separated, `s` = seconds)
     for shard, seconds in (("0000", 2.5), ("0001", 1.25)):
         bench = work / params["timings"]["extract_hidden"].replace("*", shard)

@@ -90,10 +90,22 @@ def finished(tmp_path_factory, models_dir):
 
 def test_run_produces_every_output(finished):
     analysis = finished / "results/analysis/tiny/shapes"
-    for name in ("categorize/categories.parquet", "categorize/summary.json",
-                 "categorize/anchors.json", "lens.zarr", "probe/probe.parquet",
-                 "align/align.parquet", "align/align_summary.json", "compress.parquet"):
+    for name in ("categorize/categories.parquet", "categorize/anchors.json", "lens/lens.zarr",
+                 "probe/probe.parquet", "text_states/text_states.npz", "align/align.parquet",
+                 "compress/compress.parquet"):
         assert (analysis / name).exists(), name
+    # one output contract: every step's directory has a summary.json of the same shape,
+    # read through the step's own reader
+    from embedlens.analysis import SUMMARY_KEYS, read_step
+
+    steps = sorted(p.name for p in analysis.iterdir() if p.is_dir())
+    assert steps == ["align", "categorize", "compress", "lens", "probe", "text_states"]
+    for step in steps:
+        summary = json.loads((analysis / step / "summary.json").read_text())
+        assert list(summary) == list(SUMMARY_KEYS), step
+        out = read_step(analysis / step, step)
+        assert out.summary["status"] == "ok" and out.summary["seconds"] > 0, step
+        assert all(out.path(name).exists() for name in out.files), step
     for name in ("tiny/shapes.html", "tiny/shapes.ipynb", "index.html", "index.ipynb"):
         assert (finished / "results/reports" / name).exists(), name
 

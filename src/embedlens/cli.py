@@ -43,29 +43,19 @@ def cmd_materialize(args) -> int:
 
 
 def cmd_export_vocab(args) -> int:
-    from .models.adapter import VLMAdapter
-    from .store import model_attrs, write_vocab
+    from .extract import export_vocab
 
-    adapter = VLMAdapter.load(args.model_dir, dtype="float32", device="cpu",
-                              trust_remote_code=args.trust_remote_code)
-    emb = adapter.embedding_matrix().float().cpu().numpy()
-    write_vocab(args.out, emb, adapter.token_strings(), adapter.special_token_ids(),
-                {"model": args.model_name, **model_attrs(adapter.describe())})
-    print(f"{args.out}: vocabulary {emb.shape[0]} x {emb.shape[1]}")
+    v, d = export_vocab(args.model_dir, args.out, model_name=args.model_name,
+                        trust_remote_code=args.trust_remote_code)
+    print(f"{args.out}: vocabulary {v} x {d}")
     return 0
 
 
 def cmd_extract(args) -> int:
     from .extract import ExtractSettings, extract_shard
 
-    s = args.settings
-    settings = ExtractSettings(layers=s.get("layers", "all"),
-                               vision_layers=tuple(s.get("vision_layers", [-1])),
-                               compute_dtype=s.get("compute_dtype", "float32"),
-                               store_dtype=s.get("store_dtype", "float16"),
-                               prompt=s.get("prompt", "Describe the image."),
-                               device=args.device, batch_size=args.batch_size,
-                               on_bad_image=args.on_bad_image)
+    settings = ExtractSettings.from_config(args.settings, device=args.device, batch_size=args.batch_size,
+                                           on_bad_image=args.on_bad_image)
     out = extract_shard(args.model_dir, args.dataset_dir, args.out, start=args.start,
                         stop=args.stop, settings=settings, model_name=args.model_name,
                         trust_remote_code=args.trust_remote_code,
@@ -100,19 +90,10 @@ def cmd_build_mini(args) -> int:
 
 
 def cmd_train_projector(args) -> int:
-    import tempfile
+    from .mini.train import train_projector_step
 
-    from .mini.build import build_mini
-    from .mini.train import train_projector
-
-    model_dir = args.model_dir
-    with tempfile.TemporaryDirectory(prefix="embedlens-mini-base-") as tmp:
-        if model_dir is None:
-            # Training re-initializes the projector, so any assembly of the frozen towers
-            # serves as the base; the converted towers are cached in resources/.
-            model_dir = build_mini(Path(tmp) / "embedlens-mini", args.wheels)
-        train_projector(model_dir, args.out, steps=args.steps, seed=args.seed,
-                        batch_size=args.batch_size, device=args.device)
+    train_projector_step(args.out, args.wheels, model_dir=args.model_dir, steps=args.steps, seed=args.seed,
+                         batch_size=args.batch_size, device=args.device)
     return 0
 
 
@@ -172,26 +153,18 @@ def cmd_align(args) -> int:
 
 
 def cmd_compress(args) -> int:
-    from .compress.benchmark import run_compress
+    from .compress.steps import compress_step
 
-    s = dict(args.settings)
-    conditions = s.pop("conditions", "default")
-    best = None
-    if args.align_summary and s.pop("use_best_aligned_layer", True):
-        info = json.loads(Path(args.align_summary).read_text()).get("best_layer", {})
-        best = (info.get("h0/alive") or {}).get("layer")
-    s.pop("use_best_aligned_layer", None)
-    table = run_compress(args.model_dir, args.dataset_dir,
-                         Path(args.categories) / "categories.parquet",
-                         None if conditions == "default" else conditions, args.out,
-                         best_aligned_layer=best, trust_remote_code=args.trust_remote_code,
-                         **s)
+    table = compress_step(args.model_dir, args.dataset_dir, args.categories, args.out, args.settings,
+                          align_dir=args.align, trust_remote_code=args.trust_remote_code)
     print(table.to_string(max_rows=60))
     return 0
 
 
 # ---------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
+    from .config import DEFAULTS  # the schema's defaults: spelled once
+
     p = argparse.ArgumentParser(prog="embedlens", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="step", required=True, metavar="<step>")
@@ -203,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("materialize", help="write a data set to results/datasets/<name>/")
     s.add_argument("--name", required=True)
     s.add_argument("--spec", required=True, type=_json_arg, help="the data set's config entry, JSON")
-    s.add_argument("--on-bad-image", choices=["fail", "skip"], default="fail")
+    s.add_argument("--on-bad-image", choices=["fail", "skip"], default=DEFAULTS["on_bad_image"])
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_materialize)
 
@@ -222,10 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stop", type=int, default=10**9)
     s.add_argument("--settings", type=_json_arg, default={},
                    help="JSON: layers, vision_layers, compute_dtype, store_dtype, prompt")
-    s.add_argument("--batch-size", type=int, default=8)
-    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    s.add_argument("--batch-size", type=int, default=DEFAULTS["extraction"]["batch_size"])
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default=DEFAULTS["extraction"]["device"])
     s.add_argument("--trust-remote-code", action="store_true")
-    s.add_argument("--on-bad-image", choices=["fail", "skip"], default="fail",
+    s.add_argument("--on-bad-image", choices=["fail", "skip"], default=DEFAULTS["on_bad_image"],
                    help="an image the model rejects: fail naming it, or skip and list it in the store")
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("--out", required=True)
@@ -251,9 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an assembled embedlens-mini (default: assemble one from the cached parts)")
     s.add_argument("--wheels", default="resources/wheels")
     s.add_argument("--out", required=True)
-    s.add_argument("--steps", type=int, default=400)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--steps", type=int, default=DEFAULTS["embedlens_mini"]["steps"])
+    s.add_argument("--seed", type=int, default=DEFAULTS["embedlens_mini"]["seed"])
+    s.add_argument("--batch-size", type=int, default=DEFAULTS["embedlens_mini"]["batch_size"])
     s.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     s.set_defaults(func=cmd_train_projector)
 
@@ -303,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = analysis_parser("compress", "compression benchmark (methods.md 4)", hidden=False,
                         model_dir=True)
     s.add_argument("--categories", required=True)
-    s.add_argument("--align-summary", default=None, help="align_summary.json (best layer)")
+    s.add_argument("--align", default=None,
+                   help="the align output directory (its best layer for alive tokens adds an inject condition)")
     s.set_defaults(func=cmd_compress)
     return p
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import platform
+import dataclasses
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -19,13 +20,14 @@ from tqdm.auto import tqdm
 from .config import settings_hash
 from .datasets import load_dataset
 from .datasets.images import BadImageError
-from .runtime import resolve_device
+from .runtime import free_cached_memory, is_out_of_memory, resolve_device
 from .store import (
     NonFiniteError,
     ShardWriter,
     StoreOverflowError,
     atomic_directory,
     model_attrs,
+    write_vocab,
 )
 
 log = logging.getLogger("embedlens.extract")
@@ -51,6 +53,27 @@ class ExtractSettings:
     #: re-run one image of the first batch alone to prove batching does not change states
     check_batch: bool = True
 
+    @classmethod
+    def from_config(cls, section: dict | None = None, **runtime) -> "ExtractSettings":
+        """Settings from a model's ``extraction`` config section (keys = field names;
+        ``shard_size`` is planning, not extraction) plus ``runtime`` fields (device,
+        batch size, on_bad_image) that the job gives. Absent keys keep the defaults.
+
+        Raises
+        ------
+        KeyError
+            a key that is no field (names it and the fields).
+        """
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in (section or {}).items() if k != "shard_size"}
+        unknown = sorted(set(values) - fields)
+        if unknown:
+            raise KeyError(f"extraction.{unknown[0]}: not an extraction setting (settings: {sorted(fields)})")
+        values.update({k: v for k, v in runtime.items() if v is not None})
+        if "vision_layers" in values:
+            values["vision_layers"] = tuple(values["vision_layers"])
+        return cls(**values)
+
     def identity(self) -> dict:
         """The settings that define the stored values (batch size and device do not)."""
         return {"layers": self.layers, "vision_layers": list(self.vision_layers),
@@ -70,22 +93,6 @@ def resolve_layers(spec, n_hidden: int) -> list[int]:
                              f"states (0 = decoder input .. {n_hidden - 1})")
         out.append(idx)
     return sorted(set(out))
-
-
-def _is_oom(exc: BaseException) -> bool:
-    """An out-of-memory error of any device (CUDA, MPS, XPU, or the CPU allocator)."""
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
-    text = str(exc).lower()
-    return "out of memory" in text or "can't allocate memory" in text
-
-
-def _free_cached_memory(device) -> None:
-    """Return cached blocks to the device after an out-of-memory error (no-op on CPU)."""
-    kind = torch.device(device).type
-    backend = getattr(torch, kind, None)
-    if kind != "cpu" and backend is not None and hasattr(backend, "empty_cache"):
-        backend.empty_cache()
 
 
 class BatchDependenceError(RuntimeError):
@@ -163,7 +170,7 @@ def _forward_one_by_one(adapter, dataset, chunk, images, settings, llm_layers, v
         try:
             outputs.append(_forward(adapter, [image], settings, llm_layers, vision_layers)[0])
         except Exception as exc:  # noqa: BLE001 - named, then re-raised or recorded
-            if _is_oom(exc):
+            if is_out_of_memory(exc):
                 raise RuntimeError(
                     f"out of memory on {adapter.device} with a single image ({_describe_image(dataset, i)}): "
                     "use a smaller compute_dtype (bfloat16/float16), fewer extraction.layers, or a "
@@ -211,14 +218,14 @@ def _run_batches(adapter, dataset, indices, llm_layers, vision_layers, settings,
         try:
             outputs = _forward(adapter, images, settings, llm_layers, vision_layers)
         except Exception as exc:  # noqa: BLE001 - OOM backs off; anything else is attributed
-            if _is_oom(exc) and run.batch_size > 1:
+            if is_out_of_memory(exc) and run.batch_size > 1:
                 run.batch_size //= 2
-                _free_cached_memory(adapter.device)
+                free_cached_memory(adapter.device)
                 run.backoffs.append(f"out of memory at batch {len(chunk)}: {run.batch_size}")
                 log.warning("out of memory on %s with a batch of %d: batch size halved to %d",
                             adapter.device, len(chunk), run.batch_size)
                 continue
-            if len(chunk) == 1 and _is_oom(exc):
+            if len(chunk) == 1 and is_out_of_memory(exc):
                 raise
             outputs = _forward_one_by_one(adapter, dataset, chunk, images, settings, llm_layers,
                                           vision_layers, run, exc)
@@ -259,10 +266,20 @@ def extract_shard(model_dir: str | Path, dataset_dir: str | Path, out: str | Pat
                   progress: bool = True) -> Path:
     """Extract images [start, stop) of a materialized data set into the shard store ``out``.
 
-    Raises BadImageError naming an image the model rejects (unless ``settings.on_bad_image``
-    is "skip": then it is left out and listed in the store's ``skipped_images``),
-    NonFiniteError naming image and layers when states are NaN/inf in float32/bfloat16
-    (float16 compute falls back to a wider dtype first), ValueError for an empty range.
+    Raises
+    ------
+    BadImageError
+        an image the model or its processor rejects, named (unless ``settings.on_bad_image``
+        is "skip": then it is left out and listed in the store's ``skipped_images``).
+    NonFiniteError
+        NaN/inf states in float32/bfloat16, naming image and layers (float16 compute falls
+        back to a wider dtype first).
+    RuntimeError
+        out of memory with a single image (with advice), or no image of the range extracted.
+    embedlens.models.parts.UnsupportedModelError
+        an architecture the adapter cannot handle, before any work.
+    ValueError
+        an empty image range, a bad ``on_bad_image``, layers out of range.
     """
     from .models.adapter import VLMAdapter  # heavy import, only when extracting
 
@@ -351,3 +368,23 @@ def extract_shard(model_dir: str | Path, dataset_dir: str | Path, out: str | Pat
 def shard_ranges(n_images: int, shard_size: int) -> list[tuple[int, int]]:
     """Image ranges of the extraction shards: [(0, s), (s, 2s), ...]."""
     return [(i, min(i + shard_size, n_images)) for i in range(0, n_images, shard_size)]
+
+
+def export_vocab(model_dir: str | Path, out: str | Path, *, model_name: str,
+                 trust_remote_code: bool = False) -> tuple[int, int]:
+    """Store a model's input-embedding matrix E, token strings and special-token flags as
+    ``vocab.zarr`` (format: docs/architecture.md); returns E's shape (V, d).
+
+    Raises
+    ------
+    embedlens.models.parts.UnsupportedModelError
+        no input embeddings or tokenizer found (names the class).
+    """
+    from .models.adapter import VLMAdapter  # heavy import, only when exporting
+
+    adapter = VLMAdapter.load(str(model_dir), dtype="float32", device="cpu",
+                              trust_remote_code=trust_remote_code)
+    emb = adapter.embedding_matrix().float().cpu().numpy()
+    write_vocab(out, emb, adapter.token_strings(), adapter.special_token_ids(),
+                {"model": model_name, **model_attrs(adapter.describe())})
+    return int(emb.shape[0]), int(emb.shape[1])

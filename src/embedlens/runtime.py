@@ -44,3 +44,20 @@ def image_blocks(n_images: int, bytes_per_image: int, max_block_bytes: int):
     per = max(1, int(max_block_bytes) // max(1, int(bytes_per_image)))
     for s in range(0, n_images, per):
         yield s, min(s + per, n_images)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """An out-of-memory error of any device (CUDA, MPS, XPU, or the CPU allocator): the
+    one test extraction and the compression benchmark use to halve their batch."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc).lower()
+    return "out of memory" in text or "can't allocate memory" in text
+
+
+def free_cached_memory(device) -> None:
+    """Return cached blocks to the device after an out-of-memory error (no-op on CPU)."""
+    kind = torch.device(device).type
+    backend = getattr(torch, kind, None)
+    if kind != "cpu" and backend is not None and hasattr(backend, "empty_cache"):
+        backend.empty_cache()

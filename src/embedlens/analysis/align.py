@@ -343,6 +343,12 @@ def align(
     ``align.parquet`` columns: ``visual``, ``group``, ``layer``, ``measure``
     (``mean_max_cos`` | ``nn_accuracy`` | ``cka``), ``task`` (null for mean_max_cos),
     ``value``, ``chance``, ``n_tokens``, ``is_best``.
+
+    Raises
+    ------
+    ValueError
+        an unknown ``centring``; ``tasks`` not among the label tasks; ``layers`` not in the
+        text states; ``visual="h0"`` without layer 0 in the store.
     """
     t0 = time.perf_counter()
     out = Path(out_dir)

@@ -442,6 +442,12 @@ def categorize(
     model, dataset : names recorded in the summary.
 
     Returns the summary dict (also written to ``summary.json``).
+
+    Raises
+    ------
+    ValueError
+        the store has no layer 0 (h[0]); ``norm_layers`` not stored; the embedding and
+        hidden sizes differ; an unknown anchor group; anchor ids outside the vocabulary.
     """
     t0 = time.perf_counter()
     out = Path(out_dir)

@@ -140,6 +140,13 @@ def layer_lens(
     ``k`` (rank 1..k), ``patch_row``, ``patch_col``, ``token_valid``,
     ``final_norm_applied_by_lens (layer)``. Token strings are in the vocabulary store.
     Returns the step summary (also written to ``summary.json``).
+
+    Raises
+    ------
+    ValueError
+        ``layers`` not in the store, or no image selected.
+    KeyError
+        an ``images`` entry that is not in the store.
     """
     k = int(top_k)  # the store's dimension name
     import xarray as xr

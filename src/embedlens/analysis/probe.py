@@ -364,6 +364,13 @@ def probe(
     vocab, exclude_ids : vocabulary store and excluded ids, for hit@k's uniform chance and a
         recomputation (default exclusions: those recorded by categorize when ``categories``
         is a path, else the vocabulary's special rows).
+
+    Raises
+    ------
+    ValueError
+        ``tasks`` not among the data set's label tasks; an unknown ``control_type`` or token
+        group; ``layers`` not in the store; categories that do not match the store (images or
+        tokens missing); ``hit_k`` other than the stored k without ``vocab``.
     """
     t0 = time.perf_counter()
     out = Path(out_dir)

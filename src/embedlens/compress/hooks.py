@@ -26,7 +26,7 @@ import torch
 from embedlens.models.parts import attention_of, attn_implementation, decoder_layers, mlp_of
 
 if TYPE_CHECKING:  # the runner assembles the batch; only its fields are read here
-    from .interventions import AssembledBatch
+    from .plan import AssembledBatch
 
 
 # --------------------------------------------------------------------------- inject / exit

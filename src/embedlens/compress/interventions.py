@@ -82,7 +82,7 @@ from embedlens.models.parts import attn_implementation, decoder_of, image_token_
 from embedlens.models.parts import decoder_layers  # noqa: F401 - re-exported (callers count layers with it)
 
 from .hooks import intervention_hooks
-from .plan import Plan, random_matched_removal, plan_for  # noqa: F401 - re-exported
+from .plan import AssembledBatch, Plan, plan_for, random_matched_removal  # noqa: F401 - re-exported
 from .sequences import (  # noqa: F401 - re-exported
     TokenSequence,
     answer_field_values,
@@ -168,22 +168,6 @@ def _pad_stack(rows: list[torch.Tensor], length: int, value=0) -> torch.Tensor:
             r = torch.cat([r, fill], dim=-1)
         out.append(r)
     return torch.stack(out, dim=0)
-
-
-@dataclass
-class AssembledBatch:
-    """Sequences and their plans, right-padded into one batch of T kept tokens per row."""
-
-    embeds: torch.Tensor  # (B, T, d)
-    attention_mask: torch.Tensor  # (B, T)
-    position_ids: torch.Tensor  # (B, T) or (R, B, T)
-    fields: dict[str, torch.Tensor]
-    index: list[torch.Tensor]  # per row: original positions of the T' kept tokens
-    skip: torch.Tensor  # (B, T)
-    absent: torch.Tensor  # (B, T)
-    sublayers: tuple[float, ...]
-    absent_layers: frozenset[int]
-    branch: torch.Tensor | None = None  # (B, T); -2 on padding
 
 
 def _assemble(seqs: Sequence[TokenSequence], plans: Sequence[Plan], device, dtype) -> AssembledBatch:

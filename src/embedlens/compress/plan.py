@@ -107,3 +107,19 @@ def plan_for(seq: TokenSequence, labels: Sequence[str], iv: Intervention, num_la
         plan.absent_layers = frozenset(layers)
     plan.n_removed = int((~keep).sum())
     return plan
+
+
+@dataclass
+class AssembledBatch:
+    """Sequences and their plans, right-padded into one batch of T kept tokens per row."""
+
+    embeds: torch.Tensor  # (B, T, d)
+    attention_mask: torch.Tensor  # (B, T)
+    position_ids: torch.Tensor  # (B, T) or (R, B, T)
+    fields: dict[str, torch.Tensor]
+    index: list[torch.Tensor]  # per row: original positions of the T' kept tokens
+    skip: torch.Tensor  # (B, T)
+    absent: torch.Tensor  # (B, T)
+    sublayers: tuple[float, ...]
+    absent_layers: frozenset[int]
+    branch: torch.Tensor | None = None  # (B, T); -2 on padding

@@ -168,6 +168,16 @@ def materialize(
     ``spec["source"]`` is one of synthetic / skimage / folder / manifest (keys and
     defaults in :data:`SPEC_DEFAULTS`). An existing data set at ``out_dir`` is replaced;
     a non-empty ``out_dir`` that is not a data set is refused (never deleted).
+
+    Raises
+    ------
+    ValueError
+        a bad name, ``on_bad_image`` or spec (the key named), duplicate image ids, or no
+        usable image.
+    FileExistsError
+        ``out`` exists and is not a materialized data set.
+    embedlens.datasets.images.BadImageError
+        an unreadable image with ``on_bad_image="fail"``.
     """
     if not isinstance(name, str) or not _NAME.match(name):
         raise ValueError(f"data set name {name!r} must match {_NAME.pattern}")

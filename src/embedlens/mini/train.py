@@ -398,3 +398,22 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def train_projector_step(out_path: Path | str, wheels: Path | str, *, model_dir: Path | str | None = None,
+                         **kwargs: Any) -> dict:
+    """``embedlens train-projector``: :func:`train_projector` on ``model_dir``, or, when it
+    is None, on an embedlens-mini assembled from the cached parts (training re-initializes
+    the projector, so any assembly of the frozen towers serves as the base).
+
+    Raises
+    ------
+    see :func:`train_projector` and :func:`embedlens.mini.build.build_mini`.
+    """
+    import tempfile
+
+    from .build import build_mini
+
+    with tempfile.TemporaryDirectory(prefix="embedlens-mini-base-") as tmp:
+        base = model_dir if model_dir is not None else build_mini(Path(tmp) / "embedlens-mini", wheels)
+        return train_projector(base, out_path, **kwargs)

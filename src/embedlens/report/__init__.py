@@ -42,7 +42,7 @@ from .display import (
     show,
     table,
 )
-from .inputs import STAGE_FILES, ReportInputs, load_inputs, looks_like_reference_model, read_timings
+from .inputs import ReportInputs, load_inputs, looks_like_reference_model, read_timings
 from .render import (
     DEFAULT_TEMPLATE_DIR,
     INTERPRETER_KERNEL,
@@ -82,7 +82,7 @@ from .summary import (
 
 __all__ = [
     "DEFAULT_TEMPLATE_DIR", "EXPECTED_OURS", "GROUPS", "INTERPRETER_KERNEL", "LABELS", "LABEL_COLOURS",
-    "REFERENCE_ALIVE_SHARE", "REPORT_SECTIONS", "SECTIONS", "STAGE_FILES", "SUMMARY_SECTIONS", "ReportError",
+    "REFERENCE_ALIVE_SHARE", "REPORT_SECTIONS", "SECTIONS", "SUMMARY_SECTIONS", "ReportError",
     "ReportInputs", "callout", "collect_methods_notes", "execute_notebook", "export_html", "figure_alt",
     "figure_png", "html_exporter", "load_inputs", "load_summary_rows", "looks_like_reference_model", "main", "md",
     "read_timings", "render_report", "render_summary", "section_alignment", "section_anchors",

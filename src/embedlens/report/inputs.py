@@ -21,22 +21,30 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-#: The files this module opens inside the output directories the workflow passes
-#: (``dataset_dir``, ``categorize_dir``, ``probe_dir``, ``align_dir``), by stage. They are
-#: the stages' output contracts: a renamed output is changed here, and only here.
-STAGE_FILES: dict[str, str] = {
-    "dataset_meta": "dataset.json",  # materialize
-    "categories": "categories.parquet",  # categorize
-    "cat_summary": "summary.json",
-    "anchors": "anchors.json",
-    "nearest_words": "nearest_words.parquet",
-    "probe": "probe.parquet",  # probe
-    "probe_summary": "probe_summary.json",
-    "hitk": "hitk.parquet",
-    "align": "align.parquet",  # align
-    "align_summary": "align_summary.json",
-}
-F = STAGE_FILES  # short alias for the reads below
+#: The data set's metadata file (materialize). Every analysis step's files are read
+#: through that step's reader (``embedlens.analysis.read_*``, ``embedlens.compress.steps
+#: .read_compress``): the file names live with the step that writes them.
+DATASET_META = "dataset.json"
+
+
+def _flat(summary: Mapping[str, Any]) -> dict[str, Any]:
+    """A step summary (the one shape, ``embedlens.analysis.SUMMARY_KEYS``) as the sections
+    use it: the step's ``results`` beside the common keys."""
+    return {**(summary.get("results") or {}), **{k: v for k, v in summary.items() if k != "results"}}
+
+
+def _read_step(reader, directory: Any, name: str, miss: dict[str, str], what: str):
+    """``reader(directory)`` or None with the reason in ``miss[name]``."""
+    d = _resolve(directory)
+    if d is None:
+        miss[name] = _not_given(what) if not directory else f"{directory} does not exist"
+        return None
+    try:
+        return reader(d)
+    except Exception as exc:  # noqa: BLE001 - an unreadable output is reported, not raised
+        miss[name] = f"{what} {d} could not be read: {exc}"
+        return None
+
 
 _REFERENCE_MODEL_RE = re.compile(r"llava[-_ ]?(?:v)?1[._]5[-_ ]?7b", re.IGNORECASE)
 
@@ -64,12 +72,14 @@ class ReportInputs:
     nearest_words: pd.DataFrame | None = None
     lens: Any = None
     lens_info: dict[str, Any] | None = None
+    text_states_summary: dict[str, Any] | None = None
     probe: pd.DataFrame | None = None
     hitk: pd.DataFrame | None = None
     probe_summary: dict[str, Any] | None = None
     align: pd.DataFrame | None = None
     align_summary: dict[str, Any] | None = None
     compress: pd.DataFrame | None = None
+    compress_summary: dict[str, Any] | None = None
     #: seconds per workflow step from the ``timings`` parameter (see :func:`read_timings`)
     timings: dict[str, float] = field(default_factory=dict)
     missing: dict[str, str] = field(default_factory=dict)
@@ -113,10 +123,11 @@ def load_inputs(
     hidden_index: str | None = None,
     vocab: str | None = None,
     categorize_dir: str | None = None,
-    lens_path: str | None = None,
+    lens_dir: str | None = None,
     probe_dir: str | None = None,
+    text_states_dir: str | None = None,
     align_dir: str | None = None,
-    compress_parquet: str | None = None,
+    compress_dir: str | None = None,
     model_id: str | None = None,
     is_reference_model: bool | None = None,  # noqa: A002 - the parameter's name
     config_hash: str | None = None,
@@ -134,9 +145,9 @@ def load_inputs(
     """
     inp = ReportInputs(model=str(model), dataset=str(dataset),
                        params={"dataset_dir": dataset_dir, "hidden_index": hidden_index, "vocab": vocab,
-                               "categorize_dir": categorize_dir, "lens_path": lens_path,
-                               "probe_dir": probe_dir, "align_dir": align_dir,
-                               "compress_parquet": compress_parquet, "model_id": model_id,
+                               "categorize_dir": categorize_dir, "lens_dir": lens_dir,
+                               "probe_dir": probe_dir, "text_states_dir": text_states_dir,
+                               "align_dir": align_dir, "compress_dir": compress_dir, "model_id": model_id,
                                "config_hash": config_hash, "timings": timings, **extra})
     miss = inp.missing
 
@@ -145,11 +156,11 @@ def load_inputs(
     if d is None:
         miss["dataset"] = (_not_given("data-set directory") if not dataset_dir
                            else f"data-set directory {dataset_dir} does not exist")
-    elif not (d / F["dataset_meta"]).exists():
-        miss["dataset"] = f"{d}/{F['dataset_meta']} does not exist"
+    elif not (d / DATASET_META).exists():
+        miss["dataset"] = f"{d}/{DATASET_META} does not exist"
     else:
         inp.dataset_dir = d
-        inp.dataset_meta = _read_json(d / F["dataset_meta"])
+        inp.dataset_meta = _read_json(d / DATASET_META)
 
     # --- hidden-state store (attributes only; values are never loaded here)
     hi = _resolve(hidden_index)
@@ -200,96 +211,75 @@ def load_inputs(
         except Exception as exc:  # noqa: BLE001
             miss["vocab"] = f"the vocabulary store {vp} could not be read: {exc}"
 
+    from embedlens.analysis import open_lens, read_align, read_categorize, read_lens, read_probe, read_step
+    from embedlens.compress.steps import read_compress
+
     # --- categorize
-    cd = _resolve(categorize_dir)
-    if cd is None:
-        miss["categorize"] = (_not_given("categorize output directory") if not categorize_dir
-                              else f"categorize output {categorize_dir} does not exist")
-    else:
+    cat = _read_step(read_categorize, categorize_dir, "categorize", miss, "categorize output")
+    if cat is not None:
+        inp.cat_summary = _flat(cat.summary)
         try:
-            inp.categories = pd.read_parquet(cd / F["categories"])
+            inp.categories = cat.table("categories")
         except Exception as exc:  # noqa: BLE001
-            miss["categorize"] = f"{cd}/{F['categories']} could not be read: {exc}"
-        for name, attr in ((F["cat_summary"], "cat_summary"), (F["anchors"], "anchors")):
-            if (cd / name).exists():
-                setattr(inp, attr, _read_json(cd / name))
-            else:
-                miss[f"categorize/{name}"] = f"{cd}/{name} does not exist"
-        if (cd / F["nearest_words"]).exists():
-            inp.nearest_words = pd.read_parquet(cd / F["nearest_words"])
-        else:
-            miss["nearest_words"] = f"{cd}/{F['nearest_words']} does not exist"
+            miss["categorize"] = f"{cat.directory}: the categories table could not be read: {exc}"
+        try:
+            inp.anchors = _read_json(cat.path("anchors"))
+        except Exception as exc:  # noqa: BLE001
+            miss["categorize/anchors"] = f"{cat.directory}: no anchors record ({exc})"
+        try:
+            inp.nearest_words = cat.table("nearest_words")
+        except Exception as exc:  # noqa: BLE001
+            miss["nearest_words"] = f"{cat.directory}: no nearest-words table ({exc})"
 
     # --- lens
-    lp = _resolve(lens_path)
-    if lp is None:
-        miss["lens"] = _not_given("layer-lens store (lens.zarr)") if not lens_path else f"{lens_path} does not exist"
-    else:
+    lens = _read_step(read_lens, lens_dir, "lens", miss, "layer-lens output")
+    if lens is not None:
+        inp.lens_info = _flat(lens.summary)
         try:
-            import xarray as xr
-
-            inp.lens = xr.open_zarr(str(lp), consolidated=False)
-            info = inp.lens.attrs.get("info")
-            inp.lens_info = json.loads(info) if isinstance(info, str) else (info or {})
+            inp.lens = open_lens(lens.path("lens"))
         except Exception as exc:  # noqa: BLE001
-            miss["lens"] = f"the layer-lens store {lp} could not be opened: {exc}"
+            miss["lens"] = f"the layer-lens store in {lens.directory} could not be opened: {exc}"
 
     # --- probe
-    pp = _resolve(probe_dir)
-    if pp is None:
-        miss["probe"] = _not_given("probe output") if not probe_dir else f"{probe_dir} does not exist"
-    else:
-        pdir = pp if pp.is_dir() else pp.parent
-        ppar = pp if pp.is_file() else pdir / F["probe"]
-        if (pdir / F["probe_summary"]).exists():
-            inp.probe_summary = _read_json(pdir / F["probe_summary"])
-        if inp.probe_summary and inp.probe_summary.get("status") == "skipped":
-            miss["probe"] = f"the probe step was skipped: {inp.probe_summary.get('reason', 'no reason recorded')}"
-        elif ppar.exists():
-            inp.probe = pd.read_parquet(ppar)
-            if (pdir / F["hitk"]).exists():
-                inp.hitk = pd.read_parquet(pdir / F["hitk"])
-            if inp.probe.empty:
-                miss["probe"] = f"{F['probe']} has no rows" + (
-                    f" ({inp.probe_summary['reason']})" if (inp.probe_summary or {}).get("reason") else "")
+    pr = _read_step(read_probe, probe_dir, "probe", miss, "probe output")
+    if pr is not None:
+        inp.probe_summary = _flat(pr.summary)
+        if pr.summary["status"] == "skipped":
+            miss["probe"] = f"the probe step was skipped: {pr.summary.get('reason') or 'no reason recorded'}"
         else:
-            miss["probe"] = f"{ppar} does not exist"
+            inp.probe = pr.table("probe")
+            inp.hitk = pr.table("hitk")
+            if inp.probe.empty:
+                miss["probe"] = "the probe table has no rows" + (
+                    f" ({pr.summary['reason']})" if pr.summary.get("reason") else "")
+
+    # --- text states (only their summary: timing, notes)
+    ts = _read_step(lambda d: read_step(d, "text_states"), text_states_dir, "text_states", miss,
+                    "text-states output")
+    if ts is not None:
+        inp.text_states_summary = _flat(ts.summary)
 
     # --- align
-    ap = _resolve(align_dir)
-    if ap is None:
-        miss["align"] = _not_given("alignment output") if not align_dir else f"{align_dir} does not exist"
-    else:
-        adir = ap if ap.is_dir() else ap.parent
-        apar = ap if ap.is_file() else adir / F["align"]
-        if (adir / F["align_summary"]).exists():
-            inp.align_summary = _read_json(adir / F["align_summary"])
-        if inp.align_summary and inp.align_summary.get("status") not in (None, "ok"):
-            why = inp.align_summary.get("reason", inp.align_summary.get("status"))
-            miss["align"] = f"the alignment step did not run: {why}"
-        elif apar.exists():
-            inp.align = pd.read_parquet(apar)
+    al = _read_step(read_align, align_dir, "align", miss, "alignment output")
+    if al is not None:
+        inp.align_summary = _flat(al.summary)
+        if al.summary["status"] not in (None, "ok"):
+            miss["align"] = f"the alignment step did not run: {al.summary.get('reason') or al.summary['status']}"
         else:
-            miss["align"] = f"{apar} does not exist"
+            inp.align = al.table("align")
 
     # --- compress
-    cp = _resolve(compress_parquet)
-    if cp is None:
-        if compress_parquet:
-            miss["compress"] = f"{compress_parquet} does not exist"
-        elif inp.dataset_meta is not None and not inp.dataset_meta.get("vqa"):
-            miss["compress"] = (f"data set {dataset!r} has no multiple-choice VQA items, so the compression "
-                                "benchmark cannot score it (the synthetic source generates items; a manifest can "
-                                "list its own)")
-        else:
-            miss["compress"] = _not_given("compression-benchmark table")
+    if not compress_dir and inp.dataset_meta is not None and not inp.dataset_meta.get("vqa"):
+        miss["compress"] = (f"data set {dataset!r} has no multiple-choice VQA items, so the compression "
+                            "benchmark cannot score it (the synthetic source generates items; a manifest can "
+                            "list its own)")
     else:
-        try:
-            inp.compress = pd.read_parquet(cp)
+        co = _read_step(read_compress, compress_dir, "compress", miss, "compression-benchmark output")
+        if co is not None:
+            inp.compress_summary = _flat(co.summary)
+            inp.compress = co.table("compress")
             if inp.compress.empty:
-                miss["compress"] = f"{cp} has no rows"
-        except Exception as exc:  # noqa: BLE001
-            miss["compress"] = f"{cp} could not be read: {exc}"
+                miss["compress"] = f"{co.path('compress')} has no rows"
 
     inp.timings = read_timings(timings)
 
@@ -340,31 +330,33 @@ def read_timings(spec: Any) -> dict[str, float]:
 
 def read_summary_outputs(entry: Mapping[str, Any]) -> dict[str, Any]:
     """What the summary page shows of one model × data-set entry (``categorize_dir``,
-    ``align_dir`` and ``compress_parquet``; each optional).
+    ``align_dir`` and ``compress_dir``; each optional), read through the steps' readers.
 
     Returns ``{"cat": categorize summary (dict), "align": align summary (dict), "compress":
     the compression table (DataFrame), "missing": {name: reason}}``, the first three only
     when present and readable.
     """
+    from embedlens.analysis import read_align, read_categorize
+    from embedlens.compress.steps import read_compress
+
     r: dict[str, Any] = {"missing": {}}
-    cd = _resolve(entry.get("categorize_dir"))
-    if cd is not None and (cd / F["cat_summary"]).exists():
-        r["cat"] = _read_json(cd / F["cat_summary"])
+    miss: dict[str, str] = {}
+    cat = _read_step(read_categorize, entry.get("categorize_dir"), "categorize", miss, "categorize output")
+    if cat is not None:
+        r["cat"] = _flat(cat.summary)
     else:
         r["missing"]["categorize"] = "no categorize output"
-    ad = _resolve(entry.get("align_dir"))
-    if ad is not None:
-        ad = ad if ad.is_dir() else ad.parent
-        if (ad / F["align_summary"]).exists():
-            r["align"] = _read_json(ad / F["align_summary"])
-    if "align" not in r:
+    al = _read_step(read_align, entry.get("align_dir"), "align", miss, "alignment output")
+    if al is not None:
+        r["align"] = _flat(al.summary)
+    else:
         r["missing"]["align"] = "no alignment output"
-    cp = _resolve(entry.get("compress_parquet"))
-    if cp is not None:
+    co = _read_step(read_compress, entry.get("compress_dir"), "compress", miss, "compression output")
+    if co is not None:
         try:
-            r["compress"] = pd.read_parquet(cp)
+            r["compress"] = co.table("compress")
         except Exception as exc:  # noqa: BLE001
             r["missing"]["compress"] = f"unreadable: {exc}"
     else:
-        r["missing"]["compress"] = "not run"
+        r["missing"]["compress"] = "not run" if not entry.get("compress_dir") else miss.get("compress", "not run")
     return r

@@ -256,7 +256,7 @@ def render_report(
 
     ``parameters`` are the template's parameters (see ``notebooks/report.ipynb``: ``model``,
     ``dataset``, ``dataset_dir``, ``hidden_index``, ``vocab``, ``categorize_dir``,
-    ``lens_path``, ``probe_dir``, ``align_dir``, ``compress_parquet``, ...). Returns the
+    ``lens_dir``, ``probe_dir``, ``text_states_dir``, ``align_dir``, ``compress_dir``, ...). Returns the
     HTML path. Raises :class:`ReportError` when a cell fails.
     """
     nb = execute_notebook(template, out_ipynb, parameters, kernel_name=kernel_name, cwd=cwd,
@@ -285,7 +285,7 @@ def render_summary(
 
     Each entry: ``model``, ``dataset``, ``report_html`` (the pair's report) and the
     optional analysis outputs ``categorize_dir``, ``align_dir``, ``probe_dir``,
-    ``compress_parquet``, ``model_id``, ``is_reference_model``. Links are written
+    ``compress_dir``, ``model_id``, ``is_reference_model``. Links are written
     relative to ``out_html``'s directory (``embedlens-mini/synthetic.html``).
     """
     out_dir = Path(out_html).resolve().parent

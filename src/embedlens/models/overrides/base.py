@@ -34,7 +34,6 @@ Conventions (shared by every architecture, documented in docs/architecture.md):
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from .base import ArchOverrides, ImageContext, TokenLayout, _coarse_to_fine, _layout, _row_major, _square_side, register_overrides, unknown_layout
+from .base import ArchOverrides, _layout, _row_major, _square_side, register_overrides, unknown_layout
 
 
 class Gemma3Overrides(ArchOverrides):

@@ -7,7 +7,7 @@ import re
 import numpy as np
 import torch
 
-from .base import ArchOverrides, ImageContext, TokenLayout, _coarse_to_fine, _layout, _row_major, _square_side, register_overrides
+from .base import ArchOverrides, TokenLayout, _coarse_to_fine, _layout, _row_major, _square_side, register_overrides
 
 
 _ROW_COL = re.compile(r"<row_(\d+)_col_(\d+)>")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import ArchOverrides, ImageContext, TokenLayout, _coarse_to_fine, _layout, _row_major, _square_side, register_overrides
+from .base import ArchOverrides, _layout, register_overrides
 
 
 class Qwen2VLOverrides(ArchOverrides):

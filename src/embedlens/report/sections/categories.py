@@ -24,7 +24,7 @@ def section_category_shares(inp: ReportInputs) -> list:
         c = inp.categories
         shares = {"topk": {lab: float((c["label"] == lab).mean()) for lab in LABELS},
                   "top1": {lab: float((c.get("label_top1", c["label"]) == lab).mean()) for lab in LABELS}}
-    k = (s.get("settings") or {}).get("k", 3)
+    k = (s.get("settings") or {}).get("top_k", 3)
     long = pd.DataFrame([{"rule": ("top-1 rule" if r == "top1" else f"top-{k} rule"), "category": lab,
                           "share": 100 * float(shares.get(r, {}).get(lab, 0.0))}
                          for r in ("top1", "topk") for lab in LABELS])

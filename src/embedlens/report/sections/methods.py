@@ -36,12 +36,12 @@ def collect_methods_notes(inp: ReportInputs) -> pd.DataFrame:
 
     add("categorize (summary.json)", (inp.cat_summary or {}).get("methods_notes"))
     add("anchors (anchors.json)", ((inp.anchors or {}).get("evidence") or {}).get("methods_notes"))
-    add("layer lens (lens.zarr)", (inp.lens_info or {}).get("methods_notes"))
-    add("probe (probe_summary.json)", (inp.probe_summary or {}).get("methods_notes"))
-    add("align (align_summary.json)", (inp.align_summary or {}).get("methods_notes"))
+    add("layer lens (summary.json)", (inp.lens_info or {}).get("methods_notes"))
+    add("probe (summary.json)", (inp.probe_summary or {}).get("methods_notes"))
+    add("text states (summary.json)", (inp.text_states_summary or {}).get("methods_notes"))
+    add("align (summary.json)", (inp.align_summary or {}).get("methods_notes"))
+    add("compress (summary.json)", (inp.compress_summary or {}).get("methods_notes"))
     c = inp.compress
-    if c is not None and "methods_notes" in getattr(c, "attrs", {}):
-        add("compress", c.attrs["methods_notes"])
     if c is not None and not c.empty and "op" in c and (c["op"] == "random_matched").any():
         rows.append({"tag": "deviation", "procedure": "random_matched_empty_groups", "source": "report (methods.md §4)",
                      "text": "random_matched: when the deleted groups are empty for an image, nothing is deleted "
@@ -84,7 +84,8 @@ def section_methods(inp: ReportInputs) -> list:
     out.append(table(pd.DataFrame(rows)))
     other = []
     for src, s in (("categorize", inp.cat_summary), ("probe", inp.probe_summary), ("align", inp.align_summary),
-                   ("lens", inp.lens_info)):
+                   ("lens", inp.lens_info), ("text states", inp.text_states_summary),
+                   ("compress", inp.compress_summary)):
         for n in (s or {}).get("notes", []) or []:
             other.append({"step": src, "note": str(n)})
     if other:

@@ -112,15 +112,16 @@ def section_provenance(inp: ReportInputs) -> list:
     # timings
     trows = []
     for name, summ in (("categorize", inp.cat_summary), ("layer lens", inp.lens_info),
-                       ("probe", inp.probe_summary), ("align", inp.align_summary)):
+                       ("probe", inp.probe_summary), ("text states", inp.text_states_summary),
+                       ("align", inp.align_summary), ("compress", inp.compress_summary)):
         if summ and summ.get("seconds") is not None:
             trows.append({"step": name, "seconds": float(summ["seconds"]), "source": "output summary"})
     for name, sec in inp.timings.items():
         trows.append({"step": name, "seconds": sec, "source": "workflow benchmark"})
     if trows:
-        out.append(md("**Timings** (wall-clock seconds of each step, as the outputs record them; the steps "
-                      "whose outputs record no time (extraction, text states, compression) are timed by the "
-                      "workflow's benchmark files when given, summed over their jobs):"))
+        out.append(md("**Timings** (wall-clock seconds of each step, as its summary.json records them; "
+                      "extraction, whose shards record no time of their own, is timed by the workflow's "
+                      "benchmark files when given, summed over its jobs):"))
         out.append(table(pd.DataFrame(trows), precision=2))
     else:
         out.append(callout("timings: no output recorded its running time"))

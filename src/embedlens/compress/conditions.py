@@ -1,0 +1,195 @@
+"""The compression benchmark's conditions (methods.md §4): the default set and the
+parsing of ``config.yaml``'s ``compress.conditions`` into variants (one per seed for
+``random_matched``), with a clear error naming the bad condition.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import interventions as iv
+
+_CONDITION_KEYS = {
+    "baseline": {"name", "op"},
+    "prune": {"name", "op", "groups"},
+    "keep": {"name", "op", "groups"},
+    "random_matched": {"name", "op", "groups", "seeds"},
+    "skip": {"name", "op", "groups", "sublayers", "layers"},
+    "inject": {"name", "op", "layer", "groups"},
+    "exit": {"name", "op", "layer", "groups"},
+}
+SINKS = ["vit_sink", "llm_sink"]
+
+
+# =========================================================================== conditions
+def default_conditions(num_layers: int, best_aligned_layer: int | None = None) -> list[dict]:
+    """The default condition list (methods.md §4) for a decoder of `num_layers` layers.
+
+    baseline; prune sinks; prune dead; keep alive only; matched random controls for the
+    same three deletions (seeds from the run); skip attention / MLP / both of all visual
+    tokens over every layer, and both over the upper half; inject and exit at the quarter
+    points (plus the best-aligned layer of §3 for inject when given), restricted to
+    ``1..num_layers-1`` (``inject(0)``/``exit(num_layers)`` are the baseline and
+    ``inject(num_layers)``/``exit(0)`` equal pruning every visual token).
+    """
+    N = int(num_layers)
+    if N < 1:
+        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    conds: list[dict] = [
+        {"name": "baseline", "op": "baseline"},
+        {"name": "prune_sinks", "op": "prune", "groups": list(SINKS)},
+        {"name": "prune_dead", "op": "prune", "groups": ["dead"]},
+        {"name": "keep_alive", "op": "keep", "groups": ["alive"]},
+        {"name": "random_sinks", "op": "random_matched", "groups": list(SINKS)},
+        {"name": "random_dead", "op": "random_matched", "groups": ["dead"]},
+        {"name": "random_keep_alive", "op": "random_matched", "groups": [*SINKS, "dead"]},
+        {"name": "skip_attn_visual", "op": "skip", "groups": ["visual"], "sublayers": "attn", "layers": [0, N]},
+        {"name": "skip_mlp_visual", "op": "skip", "groups": ["visual"], "sublayers": "mlp", "layers": [0, N]},
+        {"name": "skip_both_visual", "op": "skip", "groups": ["visual"], "sublayers": "both", "layers": [0, N]},
+    ]
+    if N >= 2:
+        conds.append({"name": f"skip_both_visual_L{N // 2}-{N}", "op": "skip", "groups": ["visual"],
+                      "sublayers": "both", "layers": [N // 2, N]})
+    quarter = sorted({N // 4, N // 2, (3 * N) // 4})
+    inject_at = set(quarter)
+    if best_aligned_layer is not None:
+        inject_at.add(int(best_aligned_layer))
+    for L in sorted(x for x in inject_at if 1 <= x <= N - 1):
+        conds.append({"name": f"inject_L{L}", "op": "inject", "layer": L})
+    for L in sorted(x for x in quarter if 1 <= x <= N - 1):
+        conds.append({"name": f"exit_L{L}", "op": "exit", "layer": L})
+    return conds
+
+
+@dataclass
+class Variant:
+    """One run of one condition (random_matched: one per seed)."""
+
+    name: str
+    op: str
+    condition: dict
+    intervention: iv.Intervention
+    seed: int | None = None
+    n_seeds: int = 1
+
+    @property
+    def key(self) -> tuple[str, int | None]:
+        return self.name, self.seed
+
+
+def _default_name(c: dict, op: str) -> str:
+    g = "_".join(c.get("groups") or [])
+    if op == "baseline":
+        return "baseline"
+    if op in ("prune", "keep"):
+        return f"{op}_{g}"
+    if op == "random_matched":
+        return f"random_{g}"
+    if op == "skip":
+        sub = c.get("sublayers", "both")
+        sub = sub if isinstance(sub, str) else "custom"
+        lay = c.get("layers")
+        return f"skip_{sub}_{g or 'visual'}" + (f"_L{lay[0]}-{lay[1]}" if isinstance(lay, (list, tuple)) else "")
+    return f"{op}_L{c.get('layer')}"
+
+
+def parse_conditions(conditions: Sequence[dict], num_layers: int, seeds: Iterable[int] = (0, 1, 2)) -> list[Variant]:
+    """Validate condition dicts and expand them into variants (one per seed for random)."""
+    N = int(num_layers)
+    out: list[Variant] = []
+    names: set[str] = set()
+    for i, c in enumerate(conditions):
+        where = f"compress condition #{i}" + (f" ({c.get('name')!r})" if isinstance(c, dict) and "name" in c else "")
+        if not isinstance(c, dict) or "op" not in c:
+            raise ValueError(f"{where}: a condition is a mapping with an 'op' key, got {c!r}")
+        op = c["op"]
+        if op not in _CONDITION_KEYS:
+            raise ValueError(f"{where}: unknown op {op!r}; choose from {', '.join(_CONDITION_KEYS)}")
+        unknown = set(c) - _CONDITION_KEYS[op]
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {sorted(unknown)} for op {op!r}; "
+                             f"allowed: {sorted(_CONDITION_KEYS[op])}")
+        groups = c.get("groups")
+        if op in ("prune", "keep", "random_matched") and not groups:
+            raise ValueError(f"{where}: op {op!r} needs a non-empty 'groups' list")
+        if groups is not None:
+            if isinstance(groups, str) or not all(isinstance(g, str) for g in groups):
+                raise ValueError(f"{where}: 'groups' must be a list of group names, got {groups!r}")
+            try:
+                iv.resolve_groups(groups)
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+        name = str(c.get("name") or _default_name(c, op))
+        if name in names:
+            raise ValueError(f"{where}: duplicate condition name {name!r}")
+        names.add(name)
+        try:
+            variants = _variants(c, op, name, N, tuple(groups or ()), seeds)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{where}: {e}") from None
+        out.extend(variants)
+    return out
+
+
+def _layer_arg(value, N: int, op: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"'layer' must be an integer, got {value!r}")
+    L = int(value) + N if value < 0 else int(value)
+    if not 0 <= L <= N:
+        raise ValueError(f"{op} layer {value} out of range 0..{N} (the model has {N} decoder layers)")
+    return L
+
+
+def _variants(c: dict, op: str, name: str, N: int, groups: tuple, seeds) -> list[Variant]:
+    cond = dict(c, name=name)
+    if op == "baseline":
+        return [Variant(name, op, cond, iv.baseline())]
+    if op == "prune":
+        return [Variant(name, op, cond, iv.prune(groups))]
+    if op == "keep":
+        return [Variant(name, op, cond, iv.keep(groups))]
+    if op == "random_matched":
+        ss = c.get("seeds", list(seeds))
+        if isinstance(ss, (int, np.integer)):
+            ss = [ss]
+        ss = [int(s) for s in ss]
+        if not ss or len(set(ss)) != len(ss):
+            raise ValueError(f"'seeds' must be a non-empty list of distinct integers, got {ss!r}")
+        cond["seeds"] = ss  # the seeds actually used, for the params column
+        return [Variant(name, op, cond, iv.random_matched(groups, s), seed=s, n_seeds=len(ss)) for s in ss]
+    if op == "skip":
+        g = groups or ("visual",)
+        sub = c.get("sublayers", "both")
+        if isinstance(sub, str):
+            lay = c.get("layers", [0, N])
+            if lay == "all":
+                lay = [0, N]
+            if not (isinstance(lay, (list, tuple)) and len(lay) == 2):
+                raise ValueError(f"'layers' must be [start, stop) or 'all', got {lay!r}")
+            a, b = (int(x) + N if int(x) < 0 else int(x) for x in lay)
+            if not 0 <= a < b <= N:
+                raise ValueError(f"'layers' [{lay[0]}, {lay[1]}) must satisfy 0 <= start < stop <= {N}")
+            subl = iv.sublayers_for(sub, range(a, b))
+        else:
+            if "layers" in c:
+                raise ValueError("give 'layers' only with sublayers 'attn' | 'mlp' | 'both'")
+            subl = tuple(float(s) for s in sub)
+            bad = [s for s in subl if not 0 <= s < N or not (2 * s).is_integer()]
+            if bad or not subl:
+                raise ValueError(f"sublayers {bad or sub!r}: use n (attention of layer n) or n + 0.5 "
+                                 f"(its MLP) with 0 <= n < {N}")
+        return [Variant(name, op, cond, iv.skip(g, subl))]
+    # inject / exit
+    if "layer" not in c:
+        raise ValueError(f"op {op!r} needs 'layer'")
+    L = _layer_arg(c["layer"], N, op)
+    base = iv.inject(L) if op == "inject" else iv.exit(L)
+    if groups:  # optional restriction to some visual groups (default: all visual tokens)
+        base = iv.Intervention(op, tuple(groups), layer=L)
+    return [Variant(name, op, cond, base)]
+
+
+# =========================================================================== statistics
