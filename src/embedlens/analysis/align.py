@@ -52,14 +52,7 @@ from embedlens.runtime import progress_bar, resolve_device
 from embedlens.store import layer_values
 
 from .labels import PatchLabels, grid_unknown_tokens
-from .outputs import (
-    StepOutputs,
-    note,
-    read_step,
-    step_summary,
-    write_json,
-    write_parquet,
-)
+from .outputs import note, step_reader, step_summary, write_json, write_parquet
 from .probe import _gather_features, resolve_groups
 from .vocab import VocabIndex
 
@@ -489,12 +482,4 @@ def align(
     return summary
 
 
-def read_align(out_dir: str | Path) -> StepOutputs:
-    """The align step's outputs in ``out_dir`` (summary + tables by name).
-
-    Raises
-    ------
-    embedlens.analysis.outputs.SummaryError
-        no ``summary.json`` there, or not the align step's (names the file and what to do).
-    """
-    return read_step(out_dir, "align")
+read_align = step_reader("align")

@@ -40,14 +40,7 @@ from embedlens.store import (
 
 from . import anchors as _anchors
 from .labels import PatchLabels, grid_unknown_tokens
-from .outputs import (
-    StepOutputs,
-    note,
-    read_step,
-    step_summary,
-    write_json,
-    write_parquet,
-)
+from .outputs import note, step_reader, step_summary, write_json, write_parquet
 from .vocab import VocabIndex, excluded_ids, load_vocab
 
 GROUPS = ("vit_sink", "llm_sink", "dead")
@@ -549,12 +542,4 @@ def read_categories(out_dir: str | Path) -> pd.DataFrame:
     return pd.read_parquet(p)
 
 
-def read_categorize(out_dir: str | Path) -> StepOutputs:
-    """The categorize step's outputs in ``out_dir`` (summary + tables by name).
-
-    Raises
-    ------
-    embedlens.analysis.outputs.SummaryError
-        no ``summary.json`` there, or not the categorize step's (names the file and what to do).
-    """
-    return read_step(out_dir, "categorize")
+read_categorize = step_reader("categorize")

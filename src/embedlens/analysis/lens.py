@@ -35,13 +35,7 @@ from embedlens.store import (
     valid_mask,
 )
 
-from .outputs import (
-    StepOutputs,
-    note,
-    read_step,
-    step_summary,
-    write_json,
-)
+from .outputs import note, step_reader, step_summary, write_json
 from .vocab import VocabIndex, excluded_ids, load_vocab
 
 #: Files of the step's directory.
@@ -288,12 +282,4 @@ def open_lens(path: str | Path):
     return xr.open_zarr(p, consolidated=False)
 
 
-def read_lens(out_dir: str | Path) -> StepOutputs:
-    """The lens step's outputs in ``out_dir`` (summary + tables by name).
-
-    Raises
-    ------
-    embedlens.analysis.outputs.SummaryError
-        no ``summary.json`` there, or not the lens step's (names the file and what to do).
-    """
-    return read_step(out_dir, "lens")
+read_lens = step_reader("lens")

@@ -165,3 +165,17 @@ def read_step(directory: str | os.PathLike, step: str) -> StepOutputs:
     """
     d = Path(directory)
     return StepOutputs(d, read_summary(d, step))
+
+
+def step_reader(step: str):
+    """The reader of ``step``'s outputs, ``read_<step>(out_dir) -> StepOutputs`` (what each
+    step module exports; one definition, so every step is read the same way)."""
+
+    def read(out_dir: str | os.PathLike) -> StepOutputs:
+        return read_step(out_dir, step)
+
+    read.__name__ = read.__qualname__ = f"read_{step}"
+    read.__doc__ = (f"The {step} step's outputs in ``out_dir``: its summary and files by name.\n\n"
+                    "Raises\n------\nSummaryError\n    no ``summary.json`` there, or not the "
+                    f"{step} step's (names the file and what to do).")
+    return read

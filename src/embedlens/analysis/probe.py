@@ -48,14 +48,7 @@ from embedlens.runtime import image_blocks, progress_bar
 from embedlens.store import layer_values, valid_mask
 
 from .labels import PatchLabels, grid_unknown_tokens
-from .outputs import (
-    StepOutputs,
-    note,
-    read_step,
-    step_summary,
-    write_json,
-    write_parquet,
-)
+from .outputs import note, step_reader, step_summary, write_json, write_parquet
 from .vocab import load_vocab, normalize_word
 
 OUTPUT_FILES = {"probe": "probe.parquet", "hitk": "hitk.parquet", "summary": "summary.json"}
@@ -592,12 +585,4 @@ def probe(
     return summary
 
 
-def read_probe(out_dir: str | Path) -> StepOutputs:
-    """The probe step's outputs in ``out_dir`` (summary + tables by name).
-
-    Raises
-    ------
-    embedlens.analysis.outputs.SummaryError
-        no ``summary.json`` there, or not the probe step's (names the file and what to do).
-    """
-    return read_step(out_dir, "probe")
+read_probe = step_reader("probe")

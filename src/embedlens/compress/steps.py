@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 
 from embedlens.analysis import read_align, read_step
-from embedlens.analysis.outputs import StepOutputs
+from embedlens.analysis.outputs import step_reader
 
 from .benchmark import run_compress
 
@@ -56,12 +56,4 @@ def compress_step(model_dir, dataset_dir, categories_dir, out_dir, settings: Map
                         progress=progress, **s)
 
 
-def read_compress(out_dir: str | Path) -> StepOutputs:
-    """The compress step's outputs in ``out_dir`` (summary + ``compress`` table).
-
-    Raises
-    ------
-    embedlens.analysis.outputs.SummaryError
-        no ``summary.json`` there, or not the compress step's.
-    """
-    return read_step(out_dir, "compress")
+read_compress = step_reader("compress")
