@@ -185,15 +185,16 @@ def test_rule_respects_k_and_rejects_unknown_groups():
 
 
 # --------------------------------------------------------------------------- discovery
-def _planted(seed: int = 0):
+def _planted(seed: int = 0, *, llm_id: int = 11, vocab_seed: int | None = None):
     """12 images × 36 tokens (6×6), d = V = 40, orthonormal vocabulary.
     Planted: 2 ViT-sink tokens per image (h0 ∥ e7, vision norm 50, also massive in the LLM),
-    1 LLM-sink token per image (h0 ∥ e11, early-layer norm 500), dead tokens (h0 ∥ e3, ~40 %,
-    random colour labels), alive tokens (h0 ∥ e(20 + colour): the 'red' id 20 wins in every
-    image but is determined by content)."""
+    1 LLM-sink token per image (h0 ∥ e``llm_id``, early-layer norm 500), dead tokens (h0 ∥ e3,
+    ~40 %, random colour labels), alive tokens (h0 ∥ e(20 + colour): the 'red' id 20 wins in
+    every image but is determined by content). ``vocab_seed`` (default seed + 1) fixes the
+    vocabulary, so two data sets of one model share it."""
     rng = np.random.default_rng(seed)
     V, d, n_img, T = 40, 40, 12, 36
-    E = unit_rows(V, d, seed=seed + 1)
+    E = unit_rows(V, d, seed=seed + 1 if vocab_seed is None else vocab_seed)
     strings = [f"w{i}" for i in range(V)]
     strings[0], strings[3], strings[7], strings[11] = "<image>", "्", "igh", "▁jav"
     colours = ["red", "green", "blue", "yellow"]
@@ -214,7 +215,7 @@ def _planted(seed: int = 0):
             if t in vit_t:
                 k, aid = "vit", 7
             elif t in llm_t:
-                k, aid = "llm", 11
+                k, aid = "llm", llm_id
             elif t in dead_t:
                 k, aid = "dead", 3
                 background[i, r, c] = 1
@@ -293,6 +294,38 @@ def test_discovery_is_deterministic_and_degrades_with_evidence():
     a5, ev5 = discover_anchors(table, num_layers=8, fixed={"llm_sink": [7], "dead": [3]})
     assert a5 == {"vit_sink": [], "llm_sink": [7], "dead": [3]}
     assert ev5["dead"]["status"].startswith("configured")
+
+
+def test_label_word_sink_candidate_is_rejected_with_its_margin():
+    """A colour word that is the top-1 of the LLM-sink tokens *and* of the patches of its
+    colour ('green' on embedlens-mini × synthetic, which took 84 of the 92 green patches as
+    an LLM-sink anchor) is content, not a sink: it fails the dead hubs' label-word /
+    label-information test, with the reason and the margin of each criterion."""
+    store, voc, labels, kind = _planted(llm_id=21)  # the LLM sinks' top-1 is '▁green' (21)
+    table, _ = compute_h0_neighbours(store, voc, progress=False)
+    a, ev = discover_anchors(table, token_labels=labels.for_table(table), label_words=labels.tasks,
+                             strings=voc.strings, num_layers=8)
+    assert 21 not in a["llm_sink"]  # before: llm_sink == [21]
+    assert a["vit_sink"] == [7] and a["dead"] == [3]  # the content-free groups are still found
+    cand = {c["token_id"]: c for c in ev["llm_sink"]["anchor_candidates"]}[21]
+    assert not cand["chosen"] and "label" in cand["rejected_because"] and "margin -" in cand["rejected_because"]
+    crit = {c["criterion"]: c for c in cand["criteria"]}
+    assert crit["group share"]["passes"] and crit["lift"]["passes"]  # frequent and specific: only content fails
+    info = crit["label information U (colour)"]
+    assert info["rule"] == "≤" and not info["passes"]
+    assert info["margin"] == pytest.approx(info["threshold"] - info["value"]) and info["margin"] < 0
+    word = crit["label-word lift on 'green'"]
+    assert not word["passes"] and word["margin"] == pytest.approx(2.0 - word["value"]) and word["margin"] < 0
+    # margins are signed alike for every candidate, kept or rejected (positive = passes)
+    for c in ev["llm_sink"]["anchor_candidates"] + ev["vit_sink"]["anchor_candidates"] + ev["dead"]["candidates"]:
+        for k in c["criteria"]:
+            if k["margin"]:  # a number ≠ 0 (0 passes a ≥ bound and fails a strict one)
+                assert (k["margin"] > 0) == k["passes"], (c["token_id"], k)
+        assert c["chosen"] == all(k["passes"] for k in c["criteria"]) or c["rejected_because"] == "max ids reached"
+    hub = {c["token_id"]: c for c in ev["dead"]["candidates"]}
+    assert hub[3]["chosen"] and all(k["margin"] > 0 for k in hub[3]["criteria"] if k["margin"] is not None)
+    share = {k["criterion"]: k for k in hub[3]["criteria"]}["top-1 share"]
+    assert share["margin"] == pytest.approx(share["value"] - 0.05)
 
 
 def test_partial_anchor_config_discovers_the_rest(tmp_path):
