@@ -1,11 +1,38 @@
 # Analyses (methods.md 1-3). Each reads the cached hidden states; each rule's config
 # section is its `settings` param, so changing a knob reruns exactly the rules reading it.
 
+# Anchors are the model's, not a data set's: found once over all its data sets
+# (pooled), then every categorize_tokens of the model uses them. Its data sets come from
+# the config alone (model_datasets), never from a checkpoint: params that read checkpoint
+# outputs make Snakemake re-plan finished jobs (see has_vqa).
+rule discover_anchors:
+    input:
+        hidden=lambda wc: [f"results/hidden/{wc.model}/{d}/hidden.json" for d in model_datasets(wc.model)],
+        vocab="results/hidden/{model}/vocab.zarr",
+        datasets=lambda wc: [f"results/datasets/{d}" for d in model_datasets(wc.model)],
+    output:
+        directory("results/analysis/{model}/anchors"),
+    params:
+        names=lambda wc: model_datasets(wc.model),
+        settings=section("categorize"),
+        anchors=lambda wc: json.dumps(MODELS[wc.model].get("anchors", {}), sort_keys=True),
+    log:
+        "logs/discover_anchors/{model}.log",
+    conda:
+        "../envs/analyze.yaml"
+    shell:
+        "embedlens anchors --hidden {input.hidden:q} --vocab {input.vocab} "
+        "--dataset-dir {input.datasets:q} --dataset-name {params.names:q} "
+        "--settings {params.settings:q} --anchors {params.anchors:q} "
+        "--model-name {wildcards.model} --out {output} > {log} 2>&1"
+
+
 rule categorize_tokens:
     input:
         hidden="results/hidden/{model}/{dataset}/hidden.json",
         vocab="results/hidden/{model}/vocab.zarr",
         dataset="results/datasets/{dataset}",
+        anchors="results/analysis/{model}/anchors",
     output:
         directory("results/analysis/{model}/{dataset}/categorize"),
     params:
@@ -18,7 +45,7 @@ rule categorize_tokens:
     shell:
         "embedlens categorize --hidden {input.hidden} --vocab {input.vocab} "
         "--dataset-dir {input.dataset} --settings {params.settings:q} "
-        "--anchors {params.anchors:q} --model-name {wildcards.model} "
+        "--anchors {params.anchors:q} --anchors-dir {input.anchors} --model-name {wildcards.model} "
         "--dataset-name {wildcards.dataset} --out {output} > {log} 2>&1"
 
 

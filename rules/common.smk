@@ -88,9 +88,14 @@ def model_input(wildcards):
     return []
 
 
+def model_datasets(model):
+    """The data sets a model runs on (config only: known before any checkpoint)."""
+    return list(MODELS[model]["datasets"])
+
+
 def pairs():
     """(model, data set) pairs the config asks for."""
-    return [(m, d) for m, entry in MODELS.items() for d in entry["datasets"]]
+    return [(m, d) for m in MODELS for d in model_datasets(m)]
 
 
 def extraction(model):
@@ -173,6 +178,7 @@ def analysis_paths(model, dataset):
         "dataset": f"results/datasets/{dataset}",
         "hidden": f"results/hidden/{model}/{dataset}/hidden.json",
         "vocab": f"results/hidden/{model}/vocab.zarr",
+        "anchors": f"results/analysis/{model}/anchors",
         "categorize": f"{base}/categorize",
         "lens": f"{base}/lens",
         "probe": f"{base}/probe",
@@ -223,6 +229,7 @@ def report_parameters(wc):
         "dataset_dir": paths["dataset"],
         "hidden_index": paths["hidden"],
         "vocab": paths["vocab"],
+        "anchors_dir": paths["anchors"],
         "categorize_dir": paths["categorize"],
         "lens_dir": paths["lens"],
         "probe_dir": paths["probe"],

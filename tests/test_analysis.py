@@ -20,17 +20,21 @@ from embedlens.analysis import (
     Vocab,
     VocabIndex,
     align,
+    anchors_document,
     apply_rule,
     build_prompts,
     categorize,
     collect_text_states,
     compute_h0_neighbours,
     discover_anchors,
+    discover_model_anchors,
     hit_at_k,
     layer_lens,
     linear_cka,
     open_lens,
+    pool_tables,
     probe,
+    read_anchors,
     read_patch_labels,
 )
 from embedlens.analysis.outputs import write_json
@@ -185,15 +189,16 @@ def test_rule_respects_k_and_rejects_unknown_groups():
 
 
 # --------------------------------------------------------------------------- discovery
-def _planted(seed: int = 0):
+def _planted(seed: int = 0, *, llm_id: int = 11, vocab_seed: int | None = None):
     """12 images × 36 tokens (6×6), d = V = 40, orthonormal vocabulary.
     Planted: 2 ViT-sink tokens per image (h0 ∥ e7, vision norm 50, also massive in the LLM),
-    1 LLM-sink token per image (h0 ∥ e11, early-layer norm 500), dead tokens (h0 ∥ e3, ~40 %,
-    random colour labels), alive tokens (h0 ∥ e(20 + colour): the 'red' id 20 wins in every
-    image but is determined by content)."""
+    1 LLM-sink token per image (h0 ∥ e``llm_id``, early-layer norm 500), dead tokens (h0 ∥ e3,
+    ~40 %, random colour labels), alive tokens (h0 ∥ e(20 + colour): the 'red' id 20 wins in
+    every image but is determined by content). ``vocab_seed`` (default seed + 1) fixes the
+    vocabulary, so two data sets of one model share it."""
     rng = np.random.default_rng(seed)
     V, d, n_img, T = 40, 40, 12, 36
-    E = unit_rows(V, d, seed=seed + 1)
+    E = unit_rows(V, d, seed=seed + 1 if vocab_seed is None else vocab_seed)
     strings = [f"w{i}" for i in range(V)]
     strings[0], strings[3], strings[7], strings[11] = "<image>", "्", "igh", "▁jav"
     colours = ["red", "green", "blue", "yellow"]
@@ -214,7 +219,7 @@ def _planted(seed: int = 0):
             if t in vit_t:
                 k, aid = "vit", 7
             elif t in llm_t:
-                k, aid = "llm", 11
+                k, aid = "llm", llm_id
             elif t in dead_t:
                 k, aid = "dead", 3
                 background[i, r, c] = 1
@@ -293,6 +298,89 @@ def test_discovery_is_deterministic_and_degrades_with_evidence():
     a5, ev5 = discover_anchors(table, num_layers=8, fixed={"llm_sink": [7], "dead": [3]})
     assert a5 == {"vit_sink": [], "llm_sink": [7], "dead": [3]}
     assert ev5["dead"]["status"].startswith("configured")
+
+
+def test_label_word_sink_candidate_is_rejected_with_its_margin():
+    """A colour word that is the top-1 of the LLM-sink tokens *and* of the patches of its
+    colour ('green' on embedlens-mini × synthetic, which took 84 of the 92 green patches as
+    an LLM-sink anchor) is content, not a sink: it fails the dead hubs' label-word /
+    label-information test, with the reason and the margin of each criterion."""
+    store, voc, labels, kind = _planted(llm_id=21)  # the LLM sinks' top-1 is '▁green' (21)
+    table, _ = compute_h0_neighbours(store, voc, progress=False)
+    a, ev = discover_anchors(table, token_labels=labels.for_table(table), label_words=labels.tasks,
+                             strings=voc.strings, num_layers=8)
+    assert 21 not in a["llm_sink"]  # before: llm_sink == [21]
+    assert a["vit_sink"] == [7] and a["dead"] == [3]  # the content-free groups are still found
+    cand = {c["token_id"]: c for c in ev["llm_sink"]["anchor_candidates"]}[21]
+    assert not cand["chosen"] and "label" in cand["rejected_because"] and "margin -" in cand["rejected_because"]
+    crit = {c["criterion"]: c for c in cand["criteria"]}
+    assert crit["group share"]["passes"] and crit["lift"]["passes"]  # frequent and specific: only content fails
+    info = crit["label information U (colour)"]
+    assert info["rule"] == "≤" and not info["passes"]
+    assert info["margin"] == pytest.approx(info["threshold"] - info["value"]) and info["margin"] < 0
+    word = crit["label-word lift on 'green'"]
+    assert not word["passes"] and word["margin"] == pytest.approx(2.0 - word["value"]) and word["margin"] < 0
+    # margins are signed alike for every candidate, kept or rejected (positive = passes)
+    for c in ev["llm_sink"]["anchor_candidates"] + ev["vit_sink"]["anchor_candidates"] + ev["dead"]["candidates"]:
+        for k in c["criteria"]:
+            if k["margin"]:  # a number ≠ 0 (0 passes a ≥ bound and fails a strict one)
+                assert (k["margin"] > 0) == k["passes"], (c["token_id"], k)
+        assert c["chosen"] == all(k["passes"] for k in c["criteria"]) or c["rejected_because"] == "max ids reached"
+    hub = {c["token_id"]: c for c in ev["dead"]["candidates"]}
+    assert hub[3]["chosen"] and all(k["margin"] > 0 for k in hub[3]["criteria"] if k["margin"] is not None)
+    share = {k["criterion"]: k for k in hub[3]["criteria"]}["top-1 share"]
+    assert share["margin"] == pytest.approx(share["value"] - 0.05)
+
+
+def test_one_discovery_per_model_gives_every_data_set_the_same_anchors(tmp_path):
+    """Two data sets of one model: A (the planted set, labelled) and B (one unlabelled
+    image of another draw, too small to show anything alone). Discovered per data set, B
+    gets no anchor (all alive); discovered once over both, pooled, both categorizations use
+    the planted ids and B's planted tokens get their categories."""
+    store_a, voc, labels_a, _ = _planted()
+    store_b, voc_b, _, kind_b = _planted(seed=7, vocab_seed=1)
+    np.testing.assert_array_equal(voc.embedding, voc_b.embedding)  # one model, one vocabulary
+    store_b = store_b.isel(image=[0])  # its image id img000 is also A's: pooled per data set
+    alone = categorize(store_b, voc, tmp_path / "b_alone", progress=False)
+    assert alone["results"]["anchors"] == {"vit_sink": [], "llm_sink": [], "dead": []}
+    s = discover_model_anchors({"a": store_a, "b": store_b}, voc, tmp_path / "anchors",
+                               labels={"a": labels_a, "b": None}, model="m", progress=False)
+    planted = {"vit_sink": [7], "llm_sink": [11], "dead": [3]}
+    assert s["step"] == "anchors" and s["results"]["datasets"] == ["a", "b"]
+    assert s["results"]["anchors"] == planted and s["results"]["n_images"] == {"a": 12, "b": 1}
+    assert s["results"]["labelled_datasets"] == ["a"] and s["results"]["candidates"]
+    doc = anchors_document(tmp_path / "anchors")
+    assert read_anchors(tmp_path / "anchors").summary["results"]["anchors"] == doc["anchors"] == planted
+    assert doc["evidence"]["dead"]["n_images"] == 13  # img000 of a and of b are two images
+    assert any(n["procedure"] == "anchor_discovery_per_model" for n in s["methods_notes"])
+    for name, store, labels in (("a", store_a, labels_a), ("b", store_b, None)):
+        r = categorize(store, voc, tmp_path / name, model_anchors=doc, labels=labels, model="m", dataset=name,
+                       progress=False)["results"]
+        assert r["anchors"] == planted and r["anchor_source"] == "discovered"
+        assert r["anchor_scope"] == "model" and r["anchor_datasets"] == ["a", "b"]
+    t_b = pd.read_parquet(tmp_path / "b" / "categories.parquet")
+    exp = {"vit": "vit_sink", "llm": "llm_sink", "dead": "dead", "alive": "alive"}
+    assert t_b["label_top1"].tolist() == [exp[k] for k in kind_b[0]]
+    # configured anchors still win per group; another model's anchors are refused
+    c = categorize(store_b, voc, tmp_path / "cfg", anchors={"dead": [5]}, model_anchors=doc, progress=False)
+    assert c["results"]["anchors"] == {**planted, "dead": [5]} and c["results"]["anchor_sources"]["dead"] == "configured"
+    with pytest.raises(ValueError, match="anchors of model 'm'"):
+        categorize(store_b, voc, tmp_path / "x", model_anchors=doc, model="other", progress=False)
+
+
+def test_pooled_labels_map_equal_words_to_one_value():
+    store, voc, labels, _ = _planted()
+    t, _ = compute_h0_neighbours(store.isel(image=[0, 1]), voc, progress=False)
+    other = PatchLabels({"colour": ["green", "red"], "size": ["small"]},
+                        {"colour": np.ones((1, 6, 6), np.int64), "size": np.zeros((1, 6, 6), np.int64)}, ["img000"])
+    pooled, tl, words = pool_tables({"a": t, "b": t.iloc[:36]}, {"a": labels, "b": other})
+    assert pooled["dataset"].tolist() == ["a"] * 72 + ["b"] * 36 and list(pooled.columns)[0] == "dataset"
+    assert words == {"colour": ["red", "green", "blue", "yellow"], "background": ["object", "background"],
+                     "size": ["small"]}
+    np.testing.assert_array_equal(tl["colour"][:72], labels.for_table(t)["colour"])
+    assert (tl["colour"][72:] == 0).all()  # b's "red" (its value 1) is the pooled "red" (0)
+    assert (tl["size"][:72] == -1).all() and (tl["size"][72:] == 0).all()
+    assert (tl["background"][72:] == -1).all()
 
 
 def test_partial_anchor_config_discovers_the_rest(tmp_path):
@@ -610,5 +698,7 @@ def test_config_sections_map_onto_the_analysis_functions():
         assert set(kw) <= set(params), (step, set(kw) - set(params))
     kw = config_kwargs("categorize", DEFAULTS["categorize"])
     assert set(kw["discovery"]) <= set(inspect.signature(discover_anchors).parameters)
+    # the model's anchors step reads the categorize section too: every key but categorize's own
+    assert set(kw) - {"model_anchors"} <= set(inspect.signature(discover_model_anchors).parameters)
     with pytest.raises(KeyError, match="probe.nonsense"):
         config_kwargs("probe", {"nonsense": 1})

@@ -36,6 +36,7 @@ def _broken(mutate):
     (lambda c: c["models"].update(m2={"path": "a", "anchors": {"dead": ["x"]}}), "models.m2.anchors.dead[0]"),
     (lambda c: c.update(extra_section={}), "extra_section: unknown key"),
     (lambda c: c["extraction"].update(layers="some"), "extraction.layers"),
+    (lambda c: c["datasets"].update(anchors={"source": "skimage"}), "datasets.anchors: the name 'anchors' is reserved"),
 ])
 def test_broken_config_names_key_path(mutate, expected):
     with pytest.raises(ConfigError) as err:

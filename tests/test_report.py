@@ -286,6 +286,29 @@ def test_reference_line_and_configured_anchors(labelled_outputs):
     assert report.looks_like_reference_model(None, "llava-hf/llava-1.5-7b-hf")
 
 
+def test_anchors_section_shows_the_per_model_job_and_margins(labelled_outputs, tmp_path):
+    """With the model's anchors step (one discovery over all its data sets) the section
+    names the pooled data sets and lists every candidate's criteria with their margins."""
+    from embedlens.analysis import discover_model_anchors, read_patch_labels
+    from embedlens.store import open_index
+
+    p = labelled_outputs
+    hidden = open_index(p["hidden_index"])
+    discover_model_anchors({"synthetic": hidden, "again": hidden}, p["vocab"], tmp_path / "anchors",
+                           labels={"synthetic": read_patch_labels(p["dataset_dir"]), "again": None},
+                           model="tiny-llava", device="cpu", progress=False)
+    params = {k: v for k, v in p.items() if k not in ("model", "dataset")}
+    inp = report.load_inputs("tiny-llava", "synthetic", anchors_dir=str(tmp_path / "anchors"), **params)
+    assert inp.anchors["scope"] == "model" and inp.anchors_summary["step"] == "anchors"
+    html = "".join((x._repr_html_() if hasattr(x, "_repr_html_") else None) or str(getattr(x, "data", ""))
+                   for x in report.section_anchors(inp))  # a figure's _repr_html_ is None
+    assert "once over all its data sets" in html and "synthetic (" in html and "again (" in html
+    assert "threshold (margin)" in html and "positive = passes" in html
+    # an anchors directory that is not there is said; categorize's own record stands in
+    inp = report.load_inputs("tiny-llava", "synthetic", anchors_dir=str(tmp_path / "nope"), **params)
+    assert "anchors" in inp.missing and inp.anchors is not None
+
+
 # --------------------------------------------------------------------------- config hash, timings
 def test_config_hash_covers_only_its_model_and_dataset():
     import copy

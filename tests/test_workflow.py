@@ -110,6 +110,22 @@ def test_run_produces_every_output(finished):
         assert (finished / "results/reports" / name).exists(), name
 
 
+def test_categorizations_of_a_model_share_its_anchors(finished):
+    """Anchors are found once per model over all its data sets (the anchors step); every
+    categorize summary of the model carries exactly those anchors."""
+    from embedlens.analysis import read_anchors, read_categorize
+
+    cfg = yaml.safe_load((finished / "config.yaml").read_text())
+    for model, entry in cfg["models"].items():
+        datasets = entry.get("datasets") or list(cfg["datasets"])
+        anchors = read_anchors(finished / "results/analysis" / model / "anchors").summary
+        assert anchors["step"] == "anchors" and anchors["results"]["datasets"] == datasets
+        for dataset in datasets:
+            cat = read_categorize(finished / "results/analysis" / model / dataset / "categorize").summary["results"]
+            assert cat["anchors"] == anchors["results"]["anchors"], (model, dataset)
+            assert cat["anchor_scope"] == "model" and cat["anchor_datasets"] == datasets, (model, dataset)
+
+
 def test_run_produces_store_with_named_dims(finished):
     index = json.loads((finished / "results/hidden/tiny/shapes/hidden.json").read_text())
     assert index["n_images"] == 6 and len(index["shards"]) == 2  # shard_size 4

@@ -104,11 +104,21 @@ def cmd_eval_model(args) -> int:
     return 0
 
 
+def cmd_anchors(args) -> int:
+    from .analysis.steps import anchors_step
+
+    s = anchors_step(args.hidden, args.vocab, args.dataset_dir, args.out, args.settings,
+                     datasets=args.dataset_name, anchors=args.anchors, model=args.model_name)
+    print(f"{args.out}: anchors {s['results']['anchors']} over data sets {s['results']['datasets']}")
+    return 0
+
+
 def cmd_categorize(args) -> int:
     from .analysis.steps import categorize_step
 
     s = categorize_step(args.hidden, args.vocab, args.dataset_dir, args.out, args.settings,
-                        anchors=args.anchors, model=args.model_name, dataset=args.dataset_name)
+                        anchors=args.anchors, anchors_dir=args.anchors_dir, model=args.model_name,
+                        dataset=args.dataset_name)
     print(f"{args.out}: alive share (top-k) {s['results']['shares']['topk'].get('alive', 0):.3f}, "
           f"anchors {s['results']['anchors']}")
     return 0
@@ -250,9 +260,22 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--out", required=True)
         return s
 
+    s = sub.add_parser("anchors", help="a model's anchors, found once over all its data sets [ours]")
+    s.add_argument("--hidden", required=True, nargs="+", help="hidden.json of each data set")
+    s.add_argument("--dataset-dir", required=True, nargs="+", help="each data set's directory, same order")
+    s.add_argument("--dataset-name", nargs="+", default=None, help="their names (default: the directories')")
+    s.add_argument("--vocab", required=True)
+    s.add_argument("--settings", type=_json_arg, default={}, help="the categorize config section, JSON")
+    s.add_argument("--anchors", type=_json_arg, default={}, help="configured anchor ids, JSON")
+    s.add_argument("--model-name", default=None)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_anchors)
+
     s = analysis_parser("categorize", "sink / dead / alive categorization (methods.md 1)")
     s.add_argument("--vocab", required=True)
     s.add_argument("--anchors", type=_json_arg, default={}, help="configured anchor ids, JSON")
+    s.add_argument("--anchors-dir", default=None,
+                   help="the model's anchors step directory (default: discover on this data set)")
     s.set_defaults(func=cmd_categorize)
 
     s = analysis_parser("lens", "embedding lens and logit lens per layer", model_dir=True)

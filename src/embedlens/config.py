@@ -139,6 +139,9 @@ def validate(raw: Any, source: str = "config.yaml") -> None:
                 messages.extend(_describe(e) for e in _best_errors([err]))
         unique = list(dict.fromkeys(messages))
         raise ConfigError(f"{source}: invalid configuration:\n  " + "\n  ".join(unique))
+    if "anchors" in raw["datasets"]:
+        raise ConfigError(f"{source}: datasets.anchors: the name 'anchors' is reserved "
+                          "(results/analysis/<model>/anchors/ holds each model's anchors); rename the data set")
     # Names used but not defined.
     defined = list(raw["datasets"])
     for model, entry in raw["models"].items():

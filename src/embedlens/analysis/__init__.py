@@ -1,6 +1,7 @@
 """Analyses over the cached hidden states (methods.md §1–§3).
 
 * :func:`categorize` – EmbedLens sink/dead/alive categorization (+ anchor discovery [ours]);
+* :func:`discover_model_anchors` – the anchors of a model, found once over all its data sets [ours];
 * :func:`layer_lens` – embedding lens and logit lens per layer, stored as Zarr;
 * :func:`probe` – probing classifiers with control tasks, and the hit@k check [ours];
 * :func:`align` – layer alignment with text hidden states [ours].
@@ -32,6 +33,7 @@ from .categorize import (
 )
 from .labels import PatchLabels, read_patch_labels
 from .lens import layer_lens, open_lens, read_lens
+from .model_anchors import anchors_document, discover_model_anchors, pool_tables, read_anchors
 from .outputs import SUMMARY_KEYS, StepOutputs, SummaryError, read_step, read_summary
 from .probe import hit_at_k, probe, read_probe
 from .settings import config_kwargs
@@ -40,10 +42,11 @@ from .vocab import Vocab, VocabIndex, load_vocab
 __all__ = [
     "GROUPS", "LABELS", "REFERENCE_ALIVE_SHARE", "REFERENCE_ANCHORS",
     "PatchLabels", "TextStates", "Vocab", "VocabIndex",
-    "align", "apply_rule", "build_prompts", "categorize", "collect_text_states", "config_kwargs",
-    "compute_h0_neighbours", "discover_anchors", "hit_at_k", "layer_lens", "linear_cka",
-    "load_vocab", "open_lens", "probe", "read_categories", "read_patch_labels",
+    "align", "anchors_document", "apply_rule", "build_prompts", "categorize", "collect_text_states",
+    "config_kwargs", "compute_h0_neighbours", "discover_anchors", "discover_model_anchors", "hit_at_k",
+    "layer_lens", "linear_cka", "load_vocab", "open_lens", "pool_tables", "probe", "read_categories",
+    "read_patch_labels",
     # each step's outputs (the one summary shape: SUMMARY_KEYS)
-    "SUMMARY_KEYS", "StepOutputs", "SummaryError", "read_align", "read_categorize", "read_lens",
-    "read_probe", "read_step", "read_summary",
+    "SUMMARY_KEYS", "StepOutputs", "SummaryError", "read_align", "read_anchors", "read_categorize",
+    "read_lens", "read_probe", "read_step", "read_summary",
 ]

@@ -10,7 +10,10 @@ The reference rule, reproduced exactly when anchors are given:
 4. membership of group g (``vit_sink``, ``llm_sink``, ``dead``) = any anchor id of g among
    the top-k; label = first matching group in that order, else ``alive``.
 
-Without configured anchors they are discovered (:mod:`.anchors`, **[ours]**).
+Without configured anchors they are discovered (:mod:`.anchors`, **[ours]**): the workflow
+discovers them once per model over all its data sets (:mod:`.model_anchors`, the
+``anchors`` step) and passes them in as ``model_anchors``; stand-alone, ``categorize``
+discovers them on its own data set.
 
 Output directory (see docs/architecture.md, "Analysis outputs"):
 ``categories.parquet`` (one row per visual token), ``nearest_words.parquet`` (top-1/top-k
@@ -395,6 +398,7 @@ def categorize(
     *,
     anchors: Mapping[str, Sequence[int]] | None = None,
     discover_anchors: bool = True,
+    model_anchors: Mapping[str, Any] | None = None,
     labels: PatchLabels | None = None,
     top_k: int = 3,
     exclude_special: bool = True,
@@ -423,8 +427,11 @@ def categorize(
     anchors : configured anchor ids ``{group: [ids]}``; groups not given are discovered from
         the data (**[ours]**, :func:`.anchors.discover_anchors`) when ``discover_anchors``, else empty.
     discover_anchors : discover the anchors of groups ``anchors`` does not give.
+    model_anchors : the model's anchors found once over all its data sets (the ``anchors.json``
+        document of :func:`.model_anchors.discover_model_anchors`); when given, no discovery
+        runs here and groups ``anchors`` does not give take the document's ids.
     labels : patch labels of the data set (``read_patch_labels``), used only by anchor
-        discovery (hub information criterion); optional.
+        discovery (its content test); optional.
     top_k : neighbours kept per token and used by the rule (reference k = 3).
     exclude_special / exclude_ids / include_ids : vocabulary rows removed from the candidates.
     norm_layers, vision_layer, vision_token_offset : see :func:`compute_h0_neighbours`.
@@ -440,7 +447,8 @@ def categorize(
     ------
     ValueError
         the store has no layer 0 (h[0]); ``norm_layers`` not stored; the embedding and
-        hidden sizes differ; an unknown anchor group; anchor ids outside the vocabulary.
+        hidden sizes differ; an unknown anchor group; anchor ids outside the vocabulary;
+        ``model_anchors`` of another model or vocabulary.
     """
     t0 = time.perf_counter()
     out = Path(out_dir)
@@ -463,8 +471,12 @@ def categorize(
     unknown = set(configured) - set(GROUPS)
     if unknown:
         raise ValueError(f"unknown anchor groups {sorted(unknown)}; expected {GROUPS}")
-    to_discover = [g for g in GROUPS if g not in configured] if discover_anchors else []
-    if to_discover:
+    to_discover = [g for g in GROUPS if g not in configured] if discover_anchors and model_anchors is None else []
+    if model_anchors is not None:
+        used, sources, evidence = _anchors.from_model_document(model_anchors, configured, vocab_size=voc.size,
+                                                               model=model)
+        methods_notes += list(model_anchors.get("methods_notes") or [])
+    elif to_discover:
         token_labels = labels.for_table(table) if labels is not None and not labels.empty else None
         used, evidence = _anchors.discover_anchors(
             table, token_labels=token_labels,
@@ -475,9 +487,11 @@ def categorize(
     else:
         used = {g: configured.get(g, []) for g in GROUPS}
         evidence = {"status": "no discovery run (every group configured, or discovery off)"}
-    sources = {g: "configured" if g in configured else ("discovered" if g in to_discover else "none")
-               for g in GROUPS}
+    if model_anchors is None:
+        sources = {g: "configured" if g in configured else ("discovered" if g in to_discover else "none")
+                   for g in GROUPS}
     source = (sources["vit_sink"] if len(set(sources.values())) == 1 else "mixed")
+    scope = "model" if model_anchors is not None else "dataset"
     bad = [i for ids in used.values() for i in ids if not 0 <= i < voc.size]
     if bad:
         raise ValueError(f"anchor ids outside the vocabulary (size {voc.size}): {bad}")
@@ -495,6 +509,9 @@ def categorize(
     anchors_doc = {
         "source": source,
         "sources": sources,
+        "scope": scope,
+        "datasets": (list(model_anchors.get("datasets") or []) if model_anchors is not None
+                     else [dataset] if dataset else []),
         "anchors": used,
         "anchor_strings": {g: [voc.strings[i] for i in ids] for g, ids in used.items()},
         "evidence": evidence,
@@ -506,10 +523,13 @@ def categorize(
         "anchor_strings": anchors_doc["anchor_strings"],
         "anchor_source": source,
         "anchor_sources": sources,
+        "anchor_scope": scope,
+        "anchor_datasets": anchors_doc["datasets"],
         "settings": {
             "top_k": top_k, "exclude_special": exclude_special, "exclude_ids": list(map(int, exclude_ids)),
             "include_ids": list(map(int, include_ids)), "vision_token_offset": vision_token_offset,
             "discover_anchors": discover_anchors, "discovery": dict(discovery or {}), "num_layers": L,
+            "model_anchors": model_anchors is not None,
         },
         "excluded_ids": info["excluded_ids"],
         "excluded_strings": info["excluded_strings"],

@@ -33,7 +33,8 @@ ELSEWHERE: dict[str, tuple[str, ...]] = {
 
 # Arguments the workflow supplies itself (data, outputs, names), never from config.yaml.
 _SUPPLIED = {"hidden", "vocab", "out_dir", "out_path", "categories", "text_states", "labels",
-             "anchors", "model", "dataset", "progress", "lm_head", "final_norm", "discovery"}
+             "anchors", "model_anchors", "model", "dataset", "progress", "lm_head", "final_norm",
+             "discovery"}
 
 
 def config_keys(step: str) -> set[str]:

@@ -1,7 +1,7 @@
 """Each analysis step as the workflow runs it: from files to files.
 
-The entry points (:func:`categorize`, :func:`layer_lens`, :func:`probe`, :func:`align`)
-take opened data; these functions take what a Snakemake rule has, paths and the config
+The entry points (:func:`discover_model_anchors`, :func:`categorize`, :func:`layer_lens`,
+:func:`probe`, :func:`align`) take opened data; these functions take what a Snakemake rule has, paths and the config
 section, open what the step needs (the ``hidden.json`` index, the data set's patch
 labels, the model for the lens heads and the text states) and call the entry point.
 ``embedlens <step>`` only parses arguments and calls them.
@@ -9,9 +9,10 @@ labels, the model for the lens heads and the text states) and call the entry poi
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from .categorize import OUTPUT_FILES as CATEGORIZE_FILES
 from .categorize import categorize
 from .labels import PatchLabels, read_patch_labels
 from .lens import layer_lens
+from .model_anchors import anchors_document, discover_model_anchors
 from .outputs import note, step_summary, write_json
 from .probe import probe
 from .settings import config_kwargs
@@ -48,13 +50,46 @@ def _categories(path: str | Path) -> Path:
     return p / CATEGORIZE_FILES["categories"] if p.is_dir() else p
 
 
+def anchors_step(hidden_indexes: Sequence, vocab, dataset_dirs: Sequence, out_dir,
+                 settings: Mapping[str, Any] | None = None, *, datasets: Sequence[str] | None = None,
+                 anchors: Mapping[str, Any] | None = None, model: str | None = None,
+                 progress: bool = True) -> dict[str, Any]:
+    """``embedlens anchors``: :func:`discover_model_anchors` over every data set of a model.
+
+    ``hidden_indexes`` / ``dataset_dirs``: one per data set, in the same order; ``datasets``:
+    their names (default: the data-set directories' names). ``settings``: the ``categorize``
+    section of config.yaml (the anchors are found with categorize's neighbour settings and
+    discovery thresholds; its keys that concern the categorization alone are not used).
+
+    Raises
+    ------
+    ValueError
+        the lists differ in length, or a data-set name repeats.
+    """
+    names = list(datasets) if datasets else [Path(d).name for d in dataset_dirs]
+    if not len(hidden_indexes) == len(dataset_dirs) == len(names):
+        raise ValueError(f"anchors: {len(hidden_indexes)} hidden indexes, {len(dataset_dirs)} data-set "
+                         f"directories and {len(names)} names; give one of each per data set")
+    if len(set(names)) != len(names):
+        raise ValueError(f"anchors: data-set names repeat: {names}")
+    keep = set(inspect.signature(discover_model_anchors).parameters)
+    kwargs = {k: v for k, v in config_kwargs("categorize", dict(settings or {})).items() if k in keep}
+    return discover_model_anchors(
+        {n: open_index(h) for n, h in zip(names, hidden_indexes)}, vocab, out_dir,
+        labels={n: dataset_labels(d) for n, d in zip(names, dataset_dirs)}, anchors=anchors or None,
+        model=model, progress=progress, **kwargs)
+
+
 def categorize_step(hidden_index, vocab, dataset_dir, out_dir, settings: Mapping[str, Any] | None = None, *,
-                    anchors: Mapping[str, Any] | None = None, model: str | None = None,
+                    anchors: Mapping[str, Any] | None = None, anchors_dir=None, model: str | None = None,
                     dataset: str | None = None, progress: bool = True) -> dict[str, Any]:
-    """``embedlens categorize``: :func:`categorize` on the store of ``hidden_index``."""
+    """``embedlens categorize``: :func:`categorize` on the store of ``hidden_index``.
+    ``anchors_dir``: the model's anchors step directory (the workflow's; its anchors are
+    used, the configured ``anchors`` still win per group); None: discovery on this data set."""
+    model_anchors = anchors_document(anchors_dir) if anchors_dir else None
     return categorize(open_index(hidden_index), vocab, out_dir, anchors=anchors or None,
-                      labels=dataset_labels(dataset_dir), model=model, dataset=dataset,
-                      progress=progress, **config_kwargs("categorize", dict(settings or {})))
+                      model_anchors=model_anchors, labels=dataset_labels(dataset_dir), model=model,
+                      dataset=dataset, progress=progress, **config_kwargs("categorize", dict(settings or {})))
 
 
 def lens_step(hidden_index, vocab, model_dir, out_dir, settings: Mapping[str, Any] | None = None, *,

@@ -68,7 +68,10 @@ class ReportInputs:
     vocab_attrs: dict[str, Any] = field(default_factory=dict)
     categories: pd.DataFrame | None = None
     cat_summary: dict[str, Any] | None = None
+    #: the anchors document: the model's anchors step (``anchors_dir``, found once over all
+    #: its data sets) when given, else the categorize step's own ``anchors.json``
     anchors: dict[str, Any] | None = None
+    anchors_summary: dict[str, Any] | None = None
     nearest_words: pd.DataFrame | None = None
     lens: Any = None
     lens_info: dict[str, Any] | None = None
@@ -122,6 +125,7 @@ def load_inputs(
     dataset_dir: str | None = None,
     hidden_index: str | None = None,
     vocab: str | None = None,
+    anchors_dir: str | None = None,
     categorize_dir: str | None = None,
     lens_dir: str | None = None,
     probe_dir: str | None = None,
@@ -137,6 +141,9 @@ def load_inputs(
     """Read the outputs of one model × data set. Every input is optional; an absent or
     unreadable one is recorded in ``ReportInputs.missing`` with the reason.
 
+    ``anchors_dir`` is the model's anchors step (one discovery over all its data sets):
+    its ``anchors.json``, read through ``read_anchors``, is :attr:`ReportInputs.anchors`;
+    without it (a stand-alone categorization) the categorize step's own ``anchors.json`` is.
     Paths are the notebook parameters (``notebooks/report.ipynb``); relative ones are
     relative to the working directory. ``config_hash`` (shown in the provenance) and any
     ``extra`` parameter are kept in ``ReportInputs.params`` as given; ``timings`` is read
@@ -145,7 +152,7 @@ def load_inputs(
     """
     inp = ReportInputs(model=str(model), dataset=str(dataset),
                        params={"dataset_dir": dataset_dir, "hidden_index": hidden_index, "vocab": vocab,
-                               "categorize_dir": categorize_dir, "lens_dir": lens_dir,
+                               "anchors_dir": anchors_dir, "categorize_dir": categorize_dir, "lens_dir": lens_dir,
                                "probe_dir": probe_dir, "text_states_dir": text_states_dir,
                                "align_dir": align_dir, "compress_dir": compress_dir, "model_id": model_id,
                                "config_hash": config_hash, "timings": timings, **extra})
@@ -211,7 +218,15 @@ def load_inputs(
         except Exception as exc:  # noqa: BLE001
             miss["vocab"] = f"the vocabulary store {vp} could not be read: {exc}"
 
-    from embedlens.analysis import open_lens, read_align, read_categorize, read_lens, read_probe, read_step
+    from embedlens.analysis import (
+        open_lens,
+        read_align,
+        read_anchors,
+        read_categorize,
+        read_lens,
+        read_probe,
+        read_step,
+    )
     from embedlens.compress.steps import read_compress
 
     # --- categorize
@@ -222,10 +237,20 @@ def load_inputs(
             inp.categories = cat.table("categories")
         except Exception as exc:  # noqa: BLE001
             miss["categorize"] = f"{cat.directory}: the categories table could not be read: {exc}"
-        try:
+        try:  # the anchors it used (replaced below by the model's anchors step when given)
             inp.anchors = _read_json(cat.path("anchors"))
         except Exception as exc:  # noqa: BLE001
             miss["categorize/anchors"] = f"{cat.directory}: no anchors record ({exc})"
+
+    # --- the model's anchors (one discovery over all its data sets)
+    if anchors_dir:
+        an = _read_step(read_anchors, anchors_dir, "anchors", miss, "anchors output")
+        if an is not None:
+            inp.anchors_summary = _flat(an.summary)
+            try:
+                inp.anchors = _read_json(an.path("anchors"))
+            except Exception as exc:  # noqa: BLE001
+                miss["anchors"] = f"{an.directory}: no anchors record ({exc})"
         try:
             inp.nearest_words = cat.table("nearest_words")
         except Exception as exc:  # noqa: BLE001

@@ -1,5 +1,7 @@
 """Report section "Anchors and evidence": the anchor ids of each group, configured or
-discovered, with the evidence the discovery recorded."""
+discovered (in the workflow: once per model over all its data sets, the ``anchors``
+step), with the evidence the discovery recorded: each candidate's criteria with their
+margins (positive = passes), so a near miss is visible."""
 
 from __future__ import annotations
 
@@ -19,9 +21,10 @@ def section_anchors(inp: ReportInputs) -> list:
     the discovery's evidence and candidates, and the most frequent nearest words of h[0]."""
     if inp.anchors is None and inp.cat_summary is None:
         return [callout(f"anchors: {inp.why('categorize')}")]
-    doc = inp.anchors or {"source": (inp.cat_summary or {}).get("anchor_source"),
-                          "anchors": (inp.cat_summary or {}).get("anchors", {}),
-                          "anchor_strings": (inp.cat_summary or {}).get("anchor_strings", {}), "evidence": {}}
+    cs = inp.cat_summary or {}
+    doc = inp.anchors or {"source": cs.get("anchor_source"), "anchors": cs.get("anchors", {}),
+                          "anchor_strings": cs.get("anchor_strings", {}), "evidence": {},
+                          "scope": cs.get("anchor_scope"), "datasets": cs.get("anchor_datasets")}
     source = doc.get("source") or "unknown"
     anchors = doc.get("anchors") or {}
     strings = doc.get("anchor_strings") or {}
@@ -36,6 +39,16 @@ def section_anchors(inp: ReportInputs) -> list:
                            "no released procedure exists). ViT sinks = vision-output norm outliers, LLM sinks = "
                            "early-layer norm outliers, dead = image-independent top-1 hub ids; each group's anchor "
                            "ids = its most frequent, specific top-1 neighbours.", kind="ours"))
+    if doc.get("scope") == "model":
+        n_tok = doc.get("n_tokens") or {}
+        pooled = ", ".join(f"{d} ({n_tok[d]:,} tokens)" if d in n_tok else str(d) for d in doc.get("datasets") or [])
+        out.append(callout(f"These anchors are the model's, found **once over all its data sets, pooled**: {pooled} "
+                           f"(the per-model `anchors` step, `results/analysis/{inp.model}/anchors/`). Every data set "
+                           "of the model is categorized with the same ids; the shares and thresholds below are "
+                           "the pooled ones.", kind="note"))
+    elif source != "configured":
+        out.append(callout("These anchors were discovered on this data set alone (a stand-alone categorization); "
+                           "the workflow finds them once per model over all its data sets.", kind="note"))
     rows = []
     for g in GROUPS:
         ids = anchors.get(g) or []
@@ -56,20 +69,19 @@ def section_anchors(inp: ReportInputs) -> list:
 
     if source != "configured" and inp.categories is not None:
         out.extend(_anchor_evidence_figure(inp, ev))
+        margins = ("Each criterion's **margin** = how far the candidate is from its threshold, positive = "
+                   "passes (value − threshold for a minimum, threshold − value for a maximum).")
         for g in ("vit_sink", "llm_sink"):
             cand = (ev.get(g) or {}).get("anchor_candidates") or []
             if cand:
-                out.append(md(f"**{g} anchor candidates** (top-1 ids of the group's outlier tokens):"))
-                out.append(table(pd.DataFrame(cand), percent=["group_share", "overall_share"]))
+                out.append(md(f"**{g} anchor candidates** (top-1 ids of the group's outlier tokens; they pass the "
+                              f"same label-word / label-information test as the dead hubs). {margins}"))
+                out.append(table(_candidates(cand), percent=["group_share", "overall_share"]))
         dc = (ev.get("dead") or {}).get("candidates") or []
         if dc:
-            d = pd.DataFrame(dc)
-            if "label_information" in d:
-                d["max label information U"] = [max(x.values()) if isinstance(x, dict) and x else None
-                                                for x in d.pop("label_information")]
-            out.append(md("**Dead-hub candidates** (top-1 ids winning at least the minimum share of tokens; "
-                          f"label information: {(ev.get('dead') or {}).get('information_criterion', 'n/a')}):"))
-            out.append(table(d, percent=["top1_share", "image_share"]))
+            out.append(md("**Dead-hub candidates** (the most frequent top-1 ids; label information: "
+                          f"{(ev.get('dead') or {}).get('information_criterion', 'n/a')}). {margins}"))
+            out.append(table(_candidates(dc), percent=["top1_share", "image_share"]))
         params = ev.get("params")
         if params:
             out.append(md("Discovery thresholds: " + ", ".join(f"`{k}={v}`" for k, v in params.items())))
@@ -83,6 +95,34 @@ def section_anchors(inp: ReportInputs) -> list:
     elif "nearest_words" in inp.missing:
         out.append(callout(f"nearest-word histogram: {inp.why('nearest_words')}"))
     return out
+
+
+def _candidates(rows: list[Mapping[str, Any]]) -> pd.DataFrame:
+    """Candidate rows as a table: the criteria as "name value vs threshold (margin)" text,
+    the largest label information and the per-data-set shares as columns."""
+    d = pd.DataFrame(rows)
+    if "label_information" in d:
+        d["max label information U"] = [max(x.values()) if isinstance(x, dict) and x else None
+                                        for x in d.pop("label_information")]
+    if "per_dataset_top1_share" in d:
+        per = d.pop("per_dataset_top1_share")
+        if per.map(lambda x: isinstance(x, dict) and bool(x)).any():
+            d["top-1 share per data set"] = [", ".join(f"{k} {100 * v:.1f} %" for k, v in x.items())
+                                             if isinstance(x, dict) else "" for x in per]
+    if "criteria" in d:
+        d["criteria: value rule threshold (margin)"] = [
+            "; ".join(_criterion(c) for c in (x if isinstance(x, list) else [])) for x in d.pop("criteria")]
+    if "token_string" in d:
+        d["token_string"] = d["token_string"].map(lambda x: _tok(x) if isinstance(x, str) else x)
+    return d
+
+
+def _criterion(c: Mapping[str, Any]) -> str:
+    if c.get("value") is None or c.get("threshold") is None:
+        return f"{c['criterion']}: {'passes' if c.get('passes') else 'fails'}" + (
+            f" ({c['note']})" if c.get("note") else "")
+    return (f"{c['criterion']} {c['value']:.3g} {c.get('rule', '')} {c['threshold']:.3g} "
+            f"({c['margin']:+.3g}{'' if c.get('passes') else ', fails'})")
 
 
 def _anchor_evidence_figure(inp: ReportInputs, ev: Mapping[str, Any]) -> list:

@@ -36,6 +36,7 @@ def collect_methods_notes(inp: ReportInputs) -> pd.DataFrame:
 
     add("categorize (summary.json)", (inp.cat_summary or {}).get("methods_notes"))
     add("anchors (anchors.json)", ((inp.anchors or {}).get("evidence") or {}).get("methods_notes"))
+    add("anchors (anchors.json)", (inp.anchors or {}).get("methods_notes"))  # the model's anchors step
     add("layer lens (summary.json)", (inp.lens_info or {}).get("methods_notes"))
     add("probe (summary.json)", (inp.probe_summary or {}).get("methods_notes"))
     add("text states (summary.json)", (inp.text_states_summary or {}).get("methods_notes"))
@@ -83,9 +84,9 @@ def section_methods(inp: ReportInputs) -> list:
     out.append(md("**Checklist of the procedures methods.md marks [ours] or where the project deviates:**"))
     out.append(table(pd.DataFrame(rows)))
     other = []
-    for src, s in (("categorize", inp.cat_summary), ("probe", inp.probe_summary), ("align", inp.align_summary),
-                   ("lens", inp.lens_info), ("text states", inp.text_states_summary),
-                   ("compress", inp.compress_summary)):
+    for src, s in (("anchors", inp.anchors_summary), ("categorize", inp.cat_summary),
+                   ("probe", inp.probe_summary), ("align", inp.align_summary), ("lens", inp.lens_info),
+                   ("text states", inp.text_states_summary), ("compress", inp.compress_summary)):
         for n in (s or {}).get("notes", []) or []:
             other.append({"step": src, "note": str(n)})
     if other:
