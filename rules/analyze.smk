@@ -1,5 +1,6 @@
 # Analyses (methods.md 1-3). Each reads the cached hidden states; each rule's config
-# section is its `settings` param, so changing a knob reruns exactly the rules reading it.
+# section (as the model's mode sets it, with the mode) is its `settings` param, so changing
+# a knob reruns exactly the rules reading it.
 
 # Anchors are the model's, not a data set's: found once over all its data sets
 # (pooled), then every categorize_tokens of the model uses them. Its data sets come from
@@ -14,7 +15,7 @@ rule discover_anchors:
         directory("results/analysis/{model}/anchors"),
     params:
         names=lambda wc: model_datasets(wc.model),
-        settings=section("categorize"),
+        settings=model_section("categorize"),
         anchors=lambda wc: json.dumps(MODELS[wc.model].get("anchors", {}), sort_keys=True),
     log:
         "logs/discover_anchors/{model}.log",
@@ -36,7 +37,7 @@ rule categorize_tokens:
     output:
         directory("results/analysis/{model}/{dataset}/categorize"),
     params:
-        settings=section("categorize"),
+        settings=model_section("categorize"),
         anchors=lambda wc: json.dumps(MODELS[wc.model].get("anchors", {}), sort_keys=True),
     log:
         "logs/categorize_tokens/{model}/{dataset}.log",
@@ -58,7 +59,7 @@ rule compute_lens:
         directory("results/analysis/{model}/{dataset}/lens"),
     params:
         model_dir=lambda wc: model_dir(wc.model),
-        settings=section("lens"),
+        settings=model_section("lens"),
         trust=trust_flag,
     log:
         "logs/compute_lens/{model}/{dataset}.log",
@@ -79,7 +80,7 @@ rule probe_tokens:
     output:
         directory("results/analysis/{model}/{dataset}/probe"),
     params:
-        settings=section("probe"),
+        settings=model_section("probe"),
     log:
         "logs/probe_tokens/{model}/{dataset}.log",
     conda:
@@ -99,7 +100,8 @@ rule collect_text_states:
         directory("results/analysis/{model}/{dataset}/text_states"),
     params:
         model_dir=lambda wc: model_dir(wc.model),
-        settings=lambda wc: json.dumps({"extra_words": CFG["align"]["extra_words"]}),
+        settings=lambda wc: json.dumps({"extra_words": CFG["align"]["extra_words"],
+                                        "mode": MODELS[wc.model]["mode"]}, sort_keys=True),
         device=lambda wc: extraction(wc.model)["device"],
         trust=trust_flag,
     resources:
@@ -124,7 +126,7 @@ rule align_layers:
     output:
         directory("results/analysis/{model}/{dataset}/align"),
     params:
-        settings=lambda wc: json.dumps(CFG["align"], sort_keys=True),
+        settings=model_section("align"),
     log:
         "logs/align_layers/{model}/{dataset}.log",
     conda:

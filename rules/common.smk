@@ -5,7 +5,7 @@ import json
 import shutil
 from pathlib import Path
 
-from embedlens.config import ConfigError, config_hash, normalize, validate
+from embedlens.config import ConfigError, config_hash, normalize, step_settings, validate
 
 try:
     validate(config, "config.yaml")
@@ -103,10 +103,13 @@ def extraction(model):
 
 
 def extraction_identity(model):
-    """The extraction knobs that change stored values, as one JSON param."""
+    """The extraction knobs that change stored values, as one JSON param (as
+    ExtractSettings.identity: preprocess only when not native, so that the param of a
+    native extraction, and with it every finished shard, is what it was before the option)."""
     ex = extraction(model)
     keys = ("layers", "vision_layers", "compute_dtype", "store_dtype", "prompt")
-    return json.dumps({k: ex[k] for k in keys}, sort_keys=True)
+    extra = {"preprocess": ex["preprocess"]} if ex["preprocess"] != "native" else {}
+    return json.dumps({**{k: ex[k] for k in keys}, **extra}, sort_keys=True)
 
 
 def uses_gpu(model):
@@ -162,9 +165,12 @@ def all_targets():
         f"results/reports/{model}/{dataset}.html" for model, dataset in pairs()]
 
 
-def section(name):
-    """A config section as one JSON param: changing any of its knobs reruns the rule."""
-    return json.dumps(CFG[name], sort_keys=True)
+def model_section(name, extra=None):
+    """A rule's `settings` param: config section `name` as the wildcard's model runs it
+    (embedlens.config.step_settings: what the model's mode sets, and the mode itself, which
+    each step records), plus `extra(wc)`; as one JSON param, so any change reruns the rule."""
+    return lambda wc: json.dumps({**step_settings(CFG, wc.model, name), **(extra(wc) if extra else {})},
+                                 sort_keys=True)
 
 
 def trust_flag(wc):

@@ -12,9 +12,8 @@ rule compress_benchmark:
         directory("results/analysis/{model}/{dataset}/compress"),
     params:
         model_dir=lambda wc: model_dir(wc.model),
-        settings=lambda wc: json.dumps(
-            {**CFG["compress"], "device": extraction(wc.model)["device"],
-             "dtype": extraction(wc.model)["compute_dtype"]}, sort_keys=True),
+        settings=model_section("compress", lambda wc: {"device": extraction(wc.model)["device"],
+                                                       "dtype": extraction(wc.model)["compute_dtype"]}),
         trust=trust_flag,
     resources:
         gpu=lambda wc: uses_gpu(wc.model),

@@ -163,6 +163,89 @@ def test_reference_rule_labels_constructed_tokens_exactly(tmp_path):
     assert apply_rule(t2, RULE_ANCHORS)["label"].iloc[5] == "dead"
 
 
+def _mode_config(mode: str) -> dict:
+    from embedlens.config import normalize, validate
+
+    raw = {"models": {"m": {"builtin": "embedlens-mini", "mode": mode}},
+           "datasets": {"s": {"source": "synthetic"}}}
+    validate(raw)
+    return normalize(raw)
+
+
+def test_reference_mode_searches_special_rows_and_decodes_token_strings(tmp_path):
+    """Planted (issue 14): tokens a and f have the special row 0 among their top-3, and row 0
+    is the only anchor. A model with mode: reference (config → categorize settings) searches
+    every row, as the released code: a and f get the anchor's label and the rule note is
+    tagged reference. The default excludes the special row: no token gets the label, and
+    the note says deviation. Token tables carry the raw piece and its decoded text."""
+    from embedlens.analysis.settings import config_kwargs
+    from embedlens.config import step_settings
+
+    V = 12
+    E = unit_rows(V, V, seed=3)
+    store = make_store((_rule_tokens(V) @ E)[None, None], layers=[0], rows=2, cols=3)
+    special = np.zeros(V, bool)
+    special[0] = True
+    strings = ["<image>", "▁yellow", "Ġred"] + [f"w{i}" for i in range(3, V)]
+    voc = Vocab(E, strings, special)
+    runs = {}
+    for mode in ("reference", "ours"):
+        kw = config_kwargs("categorize", {**step_settings(_mode_config(mode), "m", "categorize"),
+                                          "discover_anchors": False, "device": "cpu"})
+        runs[mode] = categorize(store, voc, tmp_path / mode, anchors={"vit_sink": [0]}, progress=False, **kw)
+    ref = pd.read_parquet(tmp_path / "reference" / "categories.parquet")
+    ours = pd.read_parquet(tmp_path / "ours" / "categories.parquet")
+    assert ref["label"].tolist() == ["vit_sink", "alive", "alive", "alive", "alive", "vit_sink"]
+    assert ref["label_top1"].tolist()[5] == "vit_sink" and ref["top1_id"].tolist()[5] == 0
+    assert (ours["label"] == "alive").all() and (ours[["top1_id", "top2_id", "top3_id"]] != 0).all().all()
+    r, o = runs["reference"], runs["ours"]
+    assert r["settings"]["mode"] == "reference" and r["settings"]["exclude_special"] is False
+    assert o["settings"]["mode"] == "ours" and o["results"]["excluded_ids"] == [0]
+    assert r["results"]["all_rows_searched"] and not o["results"]["all_rows_searched"]
+    tag = {s["procedure"]: s["tag"] for s in r["methods_notes"]}
+    assert tag["embedlens_rule"] == "reference"
+    assert {s["procedure"]: s["tag"] for s in o["methods_notes"]}["embedlens_rule"] == "deviation"
+    assert tag["preprocess"] == "deviation"  # the store was not extracted with pad_square
+    # decoded strings beside the raw pieces (token a: top-3 = 0, 1, 4 with every row searched)
+    assert ref.loc[0, ["top1_token", "top2_token", "top2_text"]].tolist() == ["<image>", "▁yellow", "yellow"]
+    hist = pd.read_parquet(tmp_path / "reference" / "nearest_words.parquet").set_index("token_id")
+    assert hist.loc[1, "token_string"] == "▁yellow" and hist.loc[1, "token_text"] == "yellow"
+    with pytest.raises(ValueError, match="searches every vocabulary row"):
+        categorize(store, voc, tmp_path / "bad", anchors={}, discover_anchors=False, mode="reference",
+                   exclude_special=True, progress=False)
+
+
+def test_float16_similarity_reports_flips_and_keeps_the_float32_labels(tmp_path):
+    """similarity_dtype float16 (mode reference-float16): the summary reports the share of
+    labels and top-k lists that differ from float32 (in [0, 1], equal to the table's), and
+    the float32 labels computed beside it are those of a float32 run."""
+    from embedlens.analysis.settings import config_kwargs
+    from embedlens.config import step_settings
+
+    rng = np.random.default_rng(0)  # noisy tokens near random rows: near-ties that float16 may reorder
+    V, d = 400, 16
+    E = rng.standard_normal((V, d)).astype(np.float32)
+    h0 = E[rng.integers(0, V, 600)] + 2.0 * rng.standard_normal((600, d)).astype(np.float32)
+    store = make_store(h0.reshape(20, 1, 30, d), layers=[0], rows=5, cols=6)
+    voc = Vocab(E, [f"w{i}" for i in range(V)], np.zeros(V, bool))
+    anchors = {"vit_sink": list(range(40)), "llm_sink": list(range(40, 60)), "dead": list(range(60, 100))}
+    kw16 = config_kwargs("categorize", step_settings(_mode_config("reference-float16"), "m", "categorize"))
+    assert kw16["similarity_dtype"] == "float16"
+    s16 = categorize(store, voc, tmp_path / "f16", anchors=anchors, progress=False, **{**kw16, "device": "cpu"})
+    s32 = categorize(store, voc, tmp_path / "f32", anchors=anchors, device="cpu", progress=False,
+                     exclude_special=False)
+    t16 = pd.read_parquet(tmp_path / "f16" / "categories.parquet")
+    t32 = pd.read_parquet(tmp_path / "f32" / "categories.parquet")
+    check = s16["results"]["similarity_check"]
+    for key in ("label_flip_share", "label_top1_flip_share", "topk_ids_change_share", "top1_change_share"):
+        assert 0.0 <= check[key] <= 1.0, key
+    assert check["label_flip_share"] == pytest.approx(float((t16["label"] != t16["label_float32"]).mean()))
+    assert t16["label_float32"].tolist() == t32["label"].tolist()
+    assert t16["label_top1_float32"].tolist() == t32["label_top1"].tolist()
+    assert s16["settings"]["similarity_dtype"] == "float16" and s32["results"]["similarity_check"] is None
+    assert "label_float32" not in t32
+
+
 def test_padded_tokens_are_skipped():
     V = 12
     E = unit_rows(V, V, seed=3)

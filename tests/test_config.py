@@ -37,6 +37,9 @@ def _broken(mutate):
     (lambda c: c.update(extra_section={}), "extra_section: unknown key"),
     (lambda c: c["extraction"].update(layers="some"), "extraction.layers"),
     (lambda c: c["datasets"].update(anchors={"source": "skimage"}), "datasets.anchors: the name 'anchors' is reserved"),
+    (lambda c: c["models"]["embedlens-mini"].update(mode="paper"), "models.embedlens-mini.mode: 'paper' is not one of"),
+    (lambda c: c["models"]["embedlens-mini"].update(mode="reference", extraction={"preprocess": "native"}),
+     "models.embedlens-mini.extraction.preprocess: 'native' contradicts models.embedlens-mini.mode: reference"),
 ])
 def test_broken_config_names_key_path(mutate, expected):
     with pytest.raises(ConfigError) as err:
@@ -58,6 +61,27 @@ def test_model_extraction_overrides_global():
     norm = normalize(cfg)
     assert norm["models"]["embedlens-mini"]["extraction"]["batch_size"] == 2
     assert norm["models"]["embedlens-mini"]["extraction"]["prompt"] == BASE["extraction"]["prompt"]
+
+
+def test_mode_sets_the_reference_settings_for_its_model_only():
+    """mode: reference pads images and searches every vocabulary row for that model (its
+    extraction and the settings its steps get, with the mode recorded); other models keep
+    the global sections. The schema's mode names are MODE_SETTINGS'."""
+    from embedlens.config import MODE_SETTINGS, step_settings
+
+    cfg = normalize(_broken(lambda c: c["models"].update(
+        ref={"builtin": "embedlens-mini", "mode": "reference-float16"})))
+    assert cfg["models"]["ref"]["extraction"]["preprocess"] == "pad_square"
+    assert cfg["models"]["embedlens-mini"]["extraction"]["preprocess"] == "native"
+    assert cfg["models"]["embedlens-mini"]["mode"] == "ours"
+    cat = step_settings(cfg, "ref", "categorize")
+    assert (cat["exclude_special"], cat["similarity_dtype"], cat["mode"]) == (False, "float16", "reference-float16")
+    assert step_settings(cfg, "ref", "lens")["exclude_special"] is False
+    assert step_settings(cfg, "ref", "probe")["mode"] == "reference-float16"
+    mini = step_settings(cfg, "embedlens-mini", "categorize")
+    assert (mini["exclude_special"], mini["similarity_dtype"], mini["mode"]) == (True, "float32", "ours")
+    schema = yaml.safe_load(schema_path().read_text())
+    assert schema["properties"]["models"]["additionalProperties"]["properties"]["mode"]["enum"] == list(MODE_SETTINGS)
 
 
 # Workflow defaults that deliberately differ from the library's, with the reason.

@@ -71,6 +71,34 @@ def test_float16_store_and_layer_selection(dataset_dir, tmp_path):
     assert ds.attrs["image_range"] == [1, 3]
 
 
+def test_pad_square_equals_the_image_padded_by_hand(tmp_path):
+    """Planted (issue 14): a 4:3 image extracted with preprocess pad_square has the states of
+    the same image padded to a square by hand (centred on the image processor's mean colour,
+    as LLaVA-1.5's expand2square: int(0.5 * 255) = 127 for the tiny LLaVA) and extracted
+    natively; natively, the processor center-crops it and the states differ."""
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    image = Image.fromarray(rng.integers(0, 256, (36, 48, 3), dtype=np.uint8))  # w 48 × h 36 (4:3)
+    by_hand = Image.new("RGB", (48, 48), (127, 127, 127))
+    by_hand.paste(image, (0, (48 - 36) // 2))
+    sets = {}
+    for name, im in (("image", image), ("by_hand", by_hand)):
+        (tmp_path / name).mkdir()
+        im.save(tmp_path / name / "im.png")
+        sets[name] = materialize(name, {"source": "folder", "path": str(tmp_path / name)}, tmp_path / f"ds-{name}")
+    model = build_tiny_model("llava", tmp_path / "llava", seed=0)
+    pad = _extract(model, sets["image"], tmp_path / "pad.zarr", 1, preprocess="pad_square")
+    hand = _extract(model, sets["by_hand"], tmp_path / "hand.zarr", 1)
+    native = _extract(model, sets["image"], tmp_path / "native.zarr", 1)
+    np.testing.assert_array_equal(pad.llm_hidden.values, hand.llm_hidden.values)
+    np.testing.assert_array_equal(pad.vision_hidden.values, hand.vision_hidden.values)
+    assert not np.allclose(pad.llm_hidden.values, native.llm_hidden.values, atol=1e-3)
+    assert pad.attrs["settings"]["preprocess"] == "pad_square"
+    assert "preprocess" not in native.attrs["settings"]  # native keeps the identity of older stores
+    assert pad.attrs["settings_hash"] != native.attrs["settings_hash"]
+
+
 def test_resolve_layers_and_shards():
     assert resolve_layers("all", 4) == [0, 1, 2, 3]
     assert resolve_layers([0, -1], 4) == [0, 3]

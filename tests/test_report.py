@@ -274,14 +274,20 @@ def test_reference_line_and_configured_anchors(labelled_outputs):
     params = {k: v for k, v in labelled_outputs.items() if k not in ("model", "dataset")}
     inp = report.load_inputs("llava-1.5-7b", "synthetic", **params)
     assert inp.is_reference  # detected from the name
-    text = report.section_category_shares(inp)[0].data
+    items = report.section_category_shares(inp)
+    text = " ".join(str(getattr(x, "data", "")) for x in items)
     assert "paper's reference" in text and "60 %" in text
+    # the mode that produced the numbers, and why they do not compare with the paper's
+    assert "Produced in **ours** mode" in text and "special/added vocabulary rows excluded" in text
+    shares_html = "".join(x._repr_html_() or "" for x in items if hasattr(x, "_repr_html_"))
+    assert "not directly comparable" in shares_html and "mode: reference" in shares_html
     inp.anchors = {"source": "configured", "anchors": {"vit_sink": [1], "llm_sink": [], "dead": [2]},
-                   "anchor_strings": {"vit_sink": ["a"], "llm_sink": [], "dead": ["b"]},
+                   "anchor_strings": {"vit_sink": ["Ġyellow"], "llm_sink": [], "dead": ["▁b"]},
                    "evidence": {"status": "configured anchors: no discovery run"}}
     html = "".join(x._repr_html_() if hasattr(x, "_repr_html_") else str(getattr(x, "data", ""))
                    for x in report.section_anchors(inp))
     assert "configured" in html and "No anchor for llm_sink" in html
+    assert re.search(r">yellow</td>", html) and re.search(r">Ġyellow</td>", html)  # decoded, raw piece beside
     assert not report.looks_like_reference_model("embedlens-mini", "llava-1.5-13b")
     assert report.looks_like_reference_model(None, "llava-hf/llava-1.5-7b-hf")
 
@@ -307,6 +313,17 @@ def test_anchors_section_shows_the_per_model_job_and_margins(labelled_outputs, t
     # an anchors directory that is not there is said; categorize's own record stands in
     inp = report.load_inputs("tiny-llava", "synthetic", anchors_dir=str(tmp_path / "nope"), **params)
     assert "anchors" in inp.missing and inp.anchors is not None
+
+
+def test_token_display_decodes_word_pieces():
+    """The report's token display reads "Ġyellow" / "▁yellow" as "yellow" (raw on request),
+    and makes whitespace visible."""
+    from embedlens.report.display import _tok
+
+    assert _tok("Ġyellow") == _tok("▁yellow") == _tok("yellow") == "yellow"
+    assert _tok("▁Yellow") == "Yellow" and _tok("##ing") == "ing"  # case kept, WordPiece marker dropped
+    assert _tok("Ġyellow", raw=True) == "Ġyellow"
+    assert _tok("Ċ") == _tok("<0x0A>") == "\\n" and _tok("Ġ") == "␣" and _tok("") == "∅"
 
 
 # --------------------------------------------------------------------------- config hash, timings

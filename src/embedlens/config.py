@@ -81,6 +81,35 @@ def schema_path() -> Path:
 DEFAULTS, DATASET_DEFAULTS = schema_defaults()
 
 
+def model_defaults(schema: dict | None = None) -> dict[str, Any]:
+    """The ``default:`` values of a model entry's own keys (``mode``); its ``extraction``
+    defaults are the global section's."""
+    schema = schema if schema is not None else yaml.safe_load(schema_path().read_text())
+    out = _defaults_of(schema["properties"]["models"]["additionalProperties"], schema)
+    return {k: v for k, v in out.items() if k != "extraction"}
+
+
+#: Defaults of a model entry's own keys (``mode``), read from the schema.
+MODEL_DEFAULTS = model_defaults()
+
+#: What a model's ``mode`` sets for that model, section by section, over the global sections
+#: (README "Reproducing the paper"): ``reference`` is the paper's released LLaVA-1.5 code —
+#: every vocabulary row searched, each image padded to a square with the mean colour;
+#: ``reference-float16`` also computes the EmbedLens similarity in float16, as that code ran.
+#: Applied by `normalize` (extraction) and `step_settings` (analysis sections); the schema's
+#: ``mode`` enum lists the same names (tests/test_config.py).
+MODE_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
+    "ours": {},
+    "reference": {"extraction": {"preprocess": "pad_square"},
+                  "categorize": {"exclude_special": False},
+                  "lens": {"exclude_special": False}},
+}
+MODE_SETTINGS["reference-float16"] = {
+    **MODE_SETTINGS["reference"],
+    "categorize": {**MODE_SETTINGS["reference"]["categorize"], "similarity_dtype": "float16"},
+}
+
+
 def _key_path(parts) -> str:
     out = ""
     for p in parts:
@@ -142,6 +171,15 @@ def validate(raw: Any, source: str = "config.yaml") -> None:
     if "anchors" in raw["datasets"]:
         raise ConfigError(f"{source}: datasets.anchors: the name 'anchors' is reserved "
                           "(results/analysis/<model>/anchors/ holds each model's anchors); rename the data set")
+    # A model's own extraction key that its mode sets otherwise.
+    for model, entry in raw["models"].items():
+        mode = entry.get("mode", MODEL_DEFAULTS["mode"])
+        for key, value in MODE_SETTINGS[mode].get("extraction", {}).items():
+            own = (entry.get("extraction") or {}).get(key, value)
+            if own != value:
+                raise ConfigError(
+                    f"{source}: models.{model}.extraction.{key}: {own!r} contradicts models.{model}.mode: "
+                    f"{mode} (which sets {key}: {value}); remove the key or set mode: ours")
     # Names used but not defined.
     defined = list(raw["datasets"])
     for model, entry in raw["models"].items():
@@ -163,15 +201,32 @@ def _merge(base: dict, override: dict) -> dict:
 
 
 def normalize(raw: dict) -> dict:
-    """Fill defaults: global sections, per-data-set defaults, per-model extraction."""
+    """Fill defaults: global sections, per-data-set defaults, per-model ``mode`` and
+    extraction (the global section, the model's own keys, then what its mode sets)."""
     cfg = _merge(DEFAULTS, raw)
     for name, spec in cfg["datasets"].items():
         cfg["datasets"][name] = _merge(DATASET_DEFAULTS[spec["source"]], spec)
     for name, entry in cfg["models"].items():
         entry.setdefault("datasets", list(cfg["datasets"]))
         entry.setdefault("trust_remote_code", False)
-        entry["extraction"] = _merge(cfg["extraction"], entry.get("extraction", {}))
+        entry.setdefault("mode", MODEL_DEFAULTS["mode"])
+        entry["extraction"] = _merge(_merge(cfg["extraction"], entry.get("extraction", {})),
+                                     MODE_SETTINGS[entry["mode"]].get("extraction", {}))
     return cfg
+
+
+def step_settings(cfg: dict, model: str, step: str) -> dict[str, Any]:
+    """The config section ``step`` as model ``model`` runs it: the global section of the
+    normalized ``cfg``, what the model's mode sets in it (`MODE_SETTINGS`), and ``mode``
+    itself, which every step records in its summary's ``settings``.
+
+    Raises
+    ------
+    KeyError
+        ``model`` not in ``cfg["models"]``.
+    """
+    mode = cfg["models"][model].get("mode", MODEL_DEFAULTS["mode"])
+    return {**cfg.get(step, {}), **MODE_SETTINGS[mode].get(step, {}), "mode": mode}
 
 
 def load_config(path: str | Path = "config.yaml") -> dict:

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from .config import settings_hash
 from .datasets import load_dataset
 from .datasets.images import BadImageError
+from .models.preprocess import PREPROCESS
 from .runtime import free_cached_memory, is_out_of_memory, resolve_device
 from .store import (
     NonFiniteError,
@@ -44,6 +45,10 @@ class ExtractSettings:
     device: str = "auto"
     batch_size: int = 8
     prompt: str = "Describe the image."
+    #: what happens to an image before the model's processor (`embedlens.models.preprocess`):
+    #: "native" nothing; "pad_square" pad to a square with the image processor's mean colour
+    #: (LLaVA-1.5's expand2square). Changes the stored values, so it is part of `identity`.
+    preprocess: str = "native"
     #: leave out the prompt text after the last visual token where the architecture allows
     #: (``ArchOverrides.truncate_after_image``): same values, less work; off only to compare
     truncate: bool = True
@@ -75,10 +80,17 @@ class ExtractSettings:
         return cls(**values)
 
     def identity(self) -> dict:
-        """The settings that define the stored values (batch size and device do not)."""
-        return {"layers": self.layers, "vision_layers": list(self.vision_layers),
-                "compute_dtype": self.compute_dtype, "store_dtype": self.store_dtype,
-                "prompt": self.prompt}
+        """The settings that define the stored values (batch size and device do not).
+
+        ``preprocess`` is there only when it is not "native": the identity (and settings
+        hash) of a native store is the one stores had before the option existed, so their
+        caches stay valid; a reader takes a missing ``preprocess`` as "native"."""
+        out = {"layers": self.layers, "vision_layers": list(self.vision_layers),
+               "compute_dtype": self.compute_dtype, "store_dtype": self.store_dtype,
+               "prompt": self.prompt}
+        if self.preprocess != "native":
+            out["preprocess"] = self.preprocess
+        return out
 
 
 def resolve_layers(spec, n_hidden: int) -> list[int]:
@@ -289,11 +301,14 @@ def extract_shard(model_dir: str | Path, dataset_dir: str | Path, out: str | Pat
         raise ValueError(f"empty image range [{start}, {stop}) for data set {dataset_dir}")
     if settings.on_bad_image not in ("fail", "skip"):
         raise ValueError(f"on_bad_image must be 'fail' or 'skip', got {settings.on_bad_image!r}")
+    if settings.preprocess not in PREPROCESS:
+        raise ValueError(f"extraction.preprocess must be one of {list(PREPROCESS)}, got {settings.preprocess!r}")
     device = resolve_device(settings.device)
     compute_dtype = settings.compute_dtype
     adapter = VLMAdapter.load(str(model_dir), dtype=compute_dtype, device=device,
                               trust_remote_code=trust_remote_code)
     adapter.truncate = settings.truncate
+    adapter.preprocess = settings.preprocess
     llm_layers = resolve_layers(settings.layers, adapter.num_layers + 1)
     vision_layers = list(settings.vision_layers)
     # Before any work: an architecture without a findable vision tower / layer list fails
@@ -358,6 +373,7 @@ def extract_shard(model_dir: str | Path, dataset_dir: str | Path, out: str | Pat
             adapter = VLMAdapter.load(str(model_dir), dtype=compute_dtype, device=device,
                                       trust_remote_code=trust_remote_code)
             adapter.truncate = settings.truncate
+            adapter.preprocess = settings.preprocess
         except BatchDependenceError as exc:
             log.warning("%s; extracting this shard one image at a time", exc)
             notes.append(f"batch dependence detected ({exc}); extracted with batch size 1")
@@ -372,8 +388,9 @@ def shard_ranges(n_images: int, shard_size: int) -> list[tuple[int, int]]:
 
 def export_vocab(model_dir: str | Path, out: str | Path, *, model_name: str,
                  trust_remote_code: bool = False) -> tuple[int, int]:
-    """Store a model's input-embedding matrix E, token strings and special-token flags as
-    ``vocab.zarr`` (format: docs/architecture.md); returns E's shape (V, d).
+    """Store a model's input-embedding matrix E, token strings (raw pieces), their decoded
+    texts (``VLMAdapter.token_texts``) and special-token flags as ``vocab.zarr`` (format:
+    docs/architecture.md); returns E's shape (V, d).
 
     Raises
     ------
@@ -386,5 +403,5 @@ def export_vocab(model_dir: str | Path, out: str | Path, *, model_name: str,
                               trust_remote_code=trust_remote_code)
     emb = adapter.embedding_matrix().float().cpu().numpy()
     write_vocab(out, emb, adapter.token_strings(), adapter.special_token_ids(),
-                {"model": model_name, **model_attrs(adapter.describe())})
+                {"model": model_name, **model_attrs(adapter.describe())}, token_texts=adapter.token_texts())
     return int(emb.shape[0]), int(emb.shape[1])

@@ -2,9 +2,9 @@
 
 One Zarr v3 store per extraction shard (a range of images), listed by the ``hidden.json``
 index (`write_index`, `open_index`), plus ``vocab.zarr`` per model. Every array and attribute
-is described once, in `VARIABLES` / `SHARD_ATTRS`: the writers attach the descriptions as CF
-attributes, so ``xarray.open_zarr`` explains a store without this module, and
-docs/architecture.md shows them (`doc_table`). A store is written under a temporary name and
+is described once, in `embedlens.store_schema` (`VARIABLES` / `SHARD_ATTRS`, re-exported
+here): the writers attach the descriptions as CF attributes, so ``xarray.open_zarr``
+explains a store without this package, and docs/architecture.md shows them (`doc_table`). A store is written under a temporary name and
 renamed into place only when complete, so an interrupted job never leaves one that looks finished.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable, NamedTuple, Sequence
+from typing import Iterable, Sequence
 import warnings
 
 import numpy as np
@@ -23,174 +23,32 @@ import zarr
 
 from .atomic import atomic_directory  # noqa: F401 - part of this module's API
 
+# The stores' self-description lives in store_schema (one table, no dependencies);
+# re-exported so that ``from embedlens.store import VARIABLES, doc_table`` keeps working.
+from .store_schema import (  # noqa: F401 - part of this module's API
+    COMPLETE_ATTR,
+    INDEX_KEYS,
+    LENS_VARIABLES,
+    MODEL_ATTR_NAMES,
+    MODEL_ATTRS,
+    SHARD_ATTRS,
+    SHARD_VARIABLES,
+    VARIABLES,
+    VOCAB_ATTRS,
+    VOCAB_VARIABLES,
+    Var,
+    cf_attrs,
+    describe_variables,
+    display_token,
+    doc_table,
+    model_attrs,
+)
+
 # Consolidated metadata is what makes opening a store one read instead of one per
 # array; zarr warns that it is not (yet) in the v3 spec. Known and accepted.
 warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)
-
-# A marker array written last: its presence (plus the rename) means "complete".
-COMPLETE_ATTR = "embedlens_complete"
-
-#: ``VLMAdapter.describe()`` keys recorded under their own name rather than ``model_<key>``,
-#: so that no fact is stored twice under two names (None: not stored, the extraction records
-#: it itself as ``compute_dtype`` / ``compute_dtype_used``).
-MODEL_ATTR_NAMES = {"path": "model_path", "dtype": None, **{k: k for k in (
-    "num_layers", "final_norm_applied_to_last_layer", "transformers_version", "torch_version")}}
-
-
-def model_attrs(described: dict) -> dict:
-    """A model's provenance (``VLMAdapter.describe()``) as store attributes: ``model_<key>``,
-    except the keys of `MODEL_ATTR_NAMES`. Raises nothing."""
-    names = {k: MODEL_ATTR_NAMES.get(k, f"model_{k}") for k in described}
-    return {names[k]: v for k, v in described.items() if names[k] is not None}
-
-
-# --------------------------------------------------------------------------- the contract
-class Var(NamedTuple):
-    dims: tuple[str, ...]
-    long_name: str
-    description: str
-    units: str | None = None  # "1": a dimensionless number; None: an id, flag, text or index
-
-
-_IT, _LT = ("image", "token"), ("image", "layer", "token", "k")
-#: Every data variable and coordinate of a hidden-state shard, ``vocab.zarr`` and ``lens.zarr``.
-#: The writers attach long_name/description/units as CF attributes (`cf_attrs`), so
-#: ``xarray.open_zarr`` explains each array; docs/architecture.md's tables are `doc_table`.
-VARIABLES: dict[str, Var] = {
-    "llm_hidden": Var(("image", "layer", "token", "dim"), "LLM hidden state", "decoder hidden states at the "
-                      "image's visual tokens in HF hidden_states order: layer 0 = decoder input (projector "
-                      "output), layer l = output of decoder layer l; NaN where token_valid is False", "1"),
-    "vision_hidden": Var(("image", "vision_layer", "vision_token", "vision_dim"), "vision-encoder hidden state",
-                         "vision-encoder states of the image (when vision layers are configured); NaN past "
-                         "n_vision_tokens", "1"),
-    "image_id": Var(("image",), "image id", "the image's id in the materialized data set (dataset.json)"),
-    "layer": Var(("layer",), "LLM layer", "HF hidden_states index: 0 = decoder input, l = output of decoder "
-                 "layer l (the last, L = num_layers, carries the final norm when final_norm_applied_to_last_layer)"),
-    "token": Var(("token",), "visual-token position", "position among the image's visual tokens in input order"),
-    "patch_row": Var(_IT, "patch row", "row r of the token's patch in the grid; -1: none (separator, padding, no grid)", "1"),
-    "patch_col": Var(_IT, "patch column", "column c of the token's patch; -1: none (separator, padding, no grid)", "1"),
-    "token_valid": Var(_IT, "valid token", "True for the image's visual tokens, False for padding past "
-                       "n_tokens (images of a store differ in token count)"),
-    "n_tokens": Var(("image",), "visual tokens", "number of visual tokens of the image in the LLM input", "1"),
-    "grid_rows": Var(("image",), "patch-grid rows", "rows R of the image's patch grid (the finest grid "
-                     "covering the whole image); 0 where unknown", "1"),
-    "grid_cols": Var(("image",), "patch-grid columns", "columns C of the image's patch grid; 0 where unknown", "1"),
-    "grid_known": Var(("image",), "patch grid known", "False where the architecture's patch layout is unknown "
-                      "for the image: grid 0 x 0, patches -1 (never guessed)"),
-    "layout_note": Var(("image",), "layout note", "why the grid is unknown or how tokens were placed; '' if none"),
-    "vision_layer": Var(("vision_layer",), "vision-encoder layer", "as configured: 0 = input of the first "
-                        "encoder layer, k = output of encoder layer k (before post-norm/merger), < 0 from the end"),
-    "vision_token": Var(("vision_token",), "vision-token position", "position among the image's vision tokens"),
-    "n_vision_tokens": Var(("image",), "vision tokens", "number of vision-encoder tokens of the image", "1"),
-    "vision_to_llm": Var(("image", "vision_token"), "visual token fed", "the visual token (index along token) "
-                         "that this vision token alone feeds; -1: none (CLS, unpadded away, several feed one)"),
-    "embedding": Var(("vocab", "dim"), "input embedding", "the LLM's input-embedding matrix E, one row per "
-                     "token id, float32 (Gemma's sqrt(d) scale not applied)", "1"),
-    "token_id": Var(("vocab",), "token id", "vocabulary id of the row"),
-    "token_string": Var(("vocab",), "token string", "raw vocabulary string ('▁jav', 'Ġred'); '' past the tokenizer"),
-    "is_special": Var(("vocab",), "special token", "special or added token, or a row past the tokenizer; "
-                      "excluded from lens candidates unless configured"),
-    "emb_id": Var(_LT, "embedding-lens token id", "id of the k-th nearest input-embedding row to h[l] by "
-                  "cosine (excluded rows left out); -1 for invalid tokens"),
-    "emb_sim": Var(_LT, "embedding-lens cosine", "cosine of h[l] with that row; NaN for invalid tokens", "1"),
-    "logit_id": Var(_LT, "logit-lens token id", "id of the k-th largest logit of lm_head(final_norm(h[l])) "
-                    "(excluded rows left out); -1 for invalid tokens"),
-    "logit": Var(_LT, "logit-lens logit", "that logit; NaN for invalid tokens", "1"),
-    "logprob": Var(_LT, "logit-lens log-probability", "natural-log probability of that token: logit minus "
-                   "the log-sum-exp over all vocabulary rows; NaN for invalid tokens", "1"),
-    "k": Var(("k",), "rank", "rank of the neighbour, 1 = nearest"),
-    "final_norm_applied_by_lens": Var(("layer",), "final norm applied by the lens", "True where the logit "
-                                      "lens applied final_norm before lm_head (not where HF already had)"),
-}
-SHARD_VARIABLES = ("llm_hidden", "vision_hidden", "image_id", "layer", "token", "patch_row", "patch_col",
-                   "token_valid", "n_tokens", "grid_rows", "grid_cols", "grid_known", "layout_note",
-                   "vision_layer", "vision_token", "n_vision_tokens", "vision_to_llm")
-VOCAB_VARIABLES = ("embedding", "token_id", "token_string", "is_special")
-LENS_VARIABLES = ("emb_id", "emb_sim", "logit_id", "logit", "logprob", "image_id", "layer", "token", "k",
-                  "patch_row", "patch_col", "token_valid", "final_norm_applied_by_lens")
-
-#: The model's provenance (`model_attrs`), in both a shard and ``vocab.zarr``.
-MODEL_ATTRS = {
-    "model": "the model's name in config.yaml", "model_path": "the directory the model was loaded from",
-    "num_layers": "L, the decoder layers (hidden_states has L + 1 entries)",
-    "final_norm_applied_to_last_layer": "True: the last hidden_states entry already carries the final norm (HF)",
-    "model_architecture": "model class (config.architectures[0])", "model_model_type": "config model_type",
-    "model_hidden_size": "d of the LLM", "model_vocab_size": "V, rows of the input embedding",
-    "model_tokenizer_size": "tokens the tokenizer knows (rows past it: padding)",
-    "model_image_token_id": "id of the image placeholder token",
-    "model_vision_model_type": "vision config model_type", "model_num_vision_layers": "vision-encoder layers",
-    "model_vision_hidden_size": "vision-encoder width", "model_embed_scale": "the embedding layer's scale "
-    "(Gemma: sqrt(d); not applied to embedding)", "model_chat_template": "True: the prompt is a chat user turn",
-    "transformers_version": "transformers version", "torch_version": "torch version",
-}
-#: Every attribute of a hidden-state shard.
-SHARD_ATTRS = {
-    **MODEL_ATTRS, "revision": "commit of a cached Hugging Face snapshot; null for a local directory",
-    "dataset": "the data set's name", "image_range": "[start, stop): the data set's images in this shard",
-    "prompt": "text after the image", "compute_dtype": "forward-pass dtype as configured",
-    "compute_dtype_used": "forward-pass dtype used (float16 that gave NaN/inf is redone in bfloat16/float32)",
-    "store_dtype_requested": "dtype on disk as configured",
-    "store_dtype": "dtype on disk (float32 where float16 overflowed)",
-    "settings": "the settings that define the stored values (layers, vision_layers, compute_dtype, "
-    "store_dtype, prompt)", "settings_hash": "hash of settings", "device": "device of the forward pass",
-    "python_version": "Python version", "final_batch_size": "batch size at the end of the shard",
-    "batch_backoffs": "batch-size reductions taken (out of memory; a batch that only fails as a batch)",
-    "batch_check": "first-batch self-check: image_id, batch_size, max_rel_diff, tolerance (null: not run)",
-    "skipped_images": "image_id, file, reason of images left out under on_bad_image: skip",
-    "extraction_notes": "fallbacks taken (dtype, batch size)", "created": "UTC time the shard was completed",
-    COMPLETE_ATTR: "True: written completely (open_shard refuses a shard without it)",
-}
-VOCAB_ATTRS = (*MODEL_ATTRS, COMPLETE_ATTR)
-#: The keys of ``hidden.json`` (`write_index`).
-INDEX_KEYS = {
-    "shards": "the shard paths, sorted", "n_images": "images over all shards",
-    "layers": "the LLM layers stored", "max_tokens": "the widest image's visual tokens",
-    "n_grid_unknown": "images whose patch grid is unknown", "skipped_images": "every shard's skipped_images",
-    "extraction_notes": "every shard's extraction_notes", "model": "the model's name",
-    "settings_hash": "the shards' settings_hash",
-}
-
-
-def cf_attrs(name: str) -> dict:
-    """CF attributes (long_name, description, units) of a store array.
-
-    Raises:
-        KeyError: ``name`` is not in `VARIABLES` (every written array must be described).
-    """
-    if name not in VARIABLES:
-        raise KeyError(f"store array {name!r} has no entry in embedlens.store.VARIABLES")
-    v = VARIABLES[name]
-    return {"long_name": v.long_name, "description": v.description, **({"units": v.units} if v.units else {})}
-
-
-def describe_variables(ds: xr.Dataset) -> xr.Dataset:
-    """Attach `cf_attrs` to every data variable and coordinate of ``ds`` (in place), for
-    writers that go through xarray. Raises KeyError as `cf_attrs`."""
-    for name, var in ds.variables.items():
-        var.attrs.update(cf_attrs(str(name)))
-    return ds
-
-
-def doc_table(kind: str) -> str:
-    """The Markdown table of docs/architecture.md for ``kind`` (shard, shard_attrs, vocab, lens,
-    index), generated from the tables above (tests/test_store.py keeps the page in step).
-
-    Raises:
-        KeyError: an unknown ``kind``.
-    """
-    names = {"shard": SHARD_VARIABLES, "vocab": VOCAB_VARIABLES, "lens": LENS_VARIABLES}
-    if kind in names:
-        rows = ["| array | dims | units | long_name: description |", "|---|---|---|---|"]
-        rows += [f"| `{n}` | {', '.join(VARIABLES[n].dims)} | {VARIABLES[n].units or ''} | "
-                 f"{VARIABLES[n].long_name}: {VARIABLES[n].description} |" for n in names[kind]]
-    else:
-        table = {"shard_attrs": SHARD_ATTRS, "index": INDEX_KEYS}[kind]
-        rows = ["| attribute | meaning |" if kind != "index" else "| key | meaning |", "|---|---|"]
-        rows += [f"| `{n}` | {text} |" for n, text in table.items()]
-    return "\n".join(rows) + "\n"
-
 
 class StoreOverflowError(RuntimeError):
     """Values too large for float16 (massive activations); the caller retries in float32."""
@@ -566,24 +424,33 @@ def num_layers_of(hidden, num_layers: int | None = None) -> int | None:
 
 # --------------------------------------------------------------------------- vocabulary
 def write_vocab(path: str | Path, embedding: np.ndarray, token_strings: Sequence[str],
-                special_ids: Iterable[int], attrs: dict) -> None:
-    """The vocabulary embedding matrix and token strings, stored once per model (atomically).
+                special_ids: Iterable[int], attrs: dict, token_texts: Sequence[str | None] | None = None) -> None:
+    """The vocabulary embedding matrix, token strings (raw pieces), their decoded texts and
+    the special-token flags, stored once per model (atomically).
+
+    ``token_texts``: the tokenizer's decoding of each piece (``VLMAdapter.token_texts``);
+    a missing one (None, or no list at all) is `display_token` of the piece.
 
     Raises:
         OSError: ``path``'s directory cannot be written.
     """
-    special = np.zeros(embedding.shape[0], dtype=bool)
-    special[[i for i in special_ids if i < embedding.shape[0]]] = True
-    strings = list(token_strings) + [""] * (embedding.shape[0] - len(token_strings))
+    n = embedding.shape[0]
+    special = np.zeros(n, dtype=bool)
+    special[[i for i in special_ids if i < n]] = True
+    strings = (list(token_strings) + [""] * (n - len(token_strings)))[:n]
+    texts = list(token_texts or [])[:n]
+    texts = [display_token(s) if i >= len(texts) or texts[i] is None else str(texts[i])
+             for i, s in enumerate(strings)]
     with atomic_directory(path) as tmp:
         ds = xr.Dataset(
             {"embedding": (("vocab", "dim"), embedding.astype(np.float32))},
-            coords={"token_id": ("vocab", np.arange(embedding.shape[0], dtype=np.int64)),
-                    "token_string": ("vocab", np.array(strings[: embedding.shape[0]], dtype=object)),
+            coords={"token_id": ("vocab", np.arange(n, dtype=np.int64)),
+                    "token_string": ("vocab", np.array(strings, dtype=object)),
+                    "token_text": ("vocab", np.array(texts, dtype=object)),
                     "is_special": ("vocab", special)},
             attrs=_jsonable({**attrs, COMPLETE_ATTR: True}))
         describe_variables(ds)
-        rows = max(1, min(embedding.shape[0], (16 << 20) // max(1, embedding.shape[1] * 4)))
+        rows = max(1, min(n, (16 << 20) // max(1, embedding.shape[1] * 4)))
         ds.to_zarr(str(tmp), mode="w", zarr_format=3, consolidated=True,
                    encoding={"embedding": {"chunks": (rows, embedding.shape[1])}})
 

@@ -54,6 +54,7 @@ from embedlens.store import layer_values
 from .labels import PatchLabels, grid_unknown_tokens
 from .outputs import note, step_reader, step_summary, write_json, write_parquet
 from .probe import _gather_features, resolve_groups
+from .reference import check_mode
 from .vocab import VocabIndex
 
 OUTPUT_FILES = {"align": "align.parquet", "summary": "summary.json"}
@@ -314,6 +315,7 @@ def align(
     seed: int = 0,
     device: str = "auto",
     max_block_bytes: int = 256 * 2**20,
+    mode: str = "ours",
     model: str | None = None,
     dataset: str | None = None,
     progress: bool = True,
@@ -332,6 +334,7 @@ def align(
     centring : ``"mean"`` (default; see module doc) or ``"none"``;
     max_tokens : uniform (seeded) sample of visual tokens; cka_max_tokens : CKA subsample;
     seed, device, max_block_bytes : reproducibility and compute knobs.
+    mode : the model's ``mode`` in config.yaml, recorded in ``settings``.
 
     ``align.parquet`` columns: ``visual``, ``group``, ``layer``, ``measure``
     (``mean_max_cos`` | ``nn_accuracy`` | ``cka``), ``task`` (null for mean_max_cos),
@@ -341,9 +344,10 @@ def align(
     ------
     ValueError
         an unknown ``centring``; ``tasks`` not among the label tasks; ``layers`` not in the
-        text states; ``visual="h0"`` without layer 0 in the store.
+        text states; ``visual="h0"`` without layer 0 in the store; an unknown ``mode``.
     """
     t0 = time.perf_counter()
+    check_mode(mode)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if not isinstance(text_states, TextStates):
@@ -464,7 +468,7 @@ def align(
                  "layers": text_states.layers},
         "tasks": task_names, "groups": {k: (None if v is None else list(v)) for k, v in groups.items()},
         "settings": {"visual": list(visual), "max_tokens": max_tokens, "cka_max_tokens": cka_max_tokens,
-                     "seed": seed, "layers": text_layers, "centring": centring},
+                     "seed": seed, "layers": text_layers, "centring": centring, "mode": mode},
         "n_tokens_used": int(len(sample)),
         "grid_unknown": grid_unknown,
         "notes": notes,

@@ -5,7 +5,10 @@ The reference rule, reproduced exactly when anchors are given:
 1. ``h[0]`` (the decoder input, before any norm) at every visual position;
 2. float32 cosine similarity with every row of the input-embedding matrix E, streamed over
    blocks of vocabulary rows (never a tokens × V matrix); rows the tokenizer marks as
-   added/special are excluded unless configured otherwise (recorded);
+   added/special are excluded unless configured otherwise (recorded; the released reference
+   code searches every row: ``exclude_special=False``, set by ``mode: reference``);
+   ``similarity_dtype="float16"`` computes it in float16 as code running a float16 model
+   does, and reports how many labels the float32 computation would change;
 3. the top-k neighbour ids and similarities (k = 3);
 4. membership of group g (``vit_sink``, ``llm_sink``, ``dead``) = any anchor id of g among
    the top-k; label = first matching group in that order, else ``alive``.
@@ -30,21 +33,15 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
-from embedlens.runtime import image_blocks, progress_bar
-from embedlens.store import (
-    final_norm_flag,
-    layer_values,
-    num_layers_of,
-    token_index,
-    valid_mask,
-)
+from embedlens.store import display_token, final_norm_flag, num_layers_of
 
 from . import anchors as _anchors
 from .labels import PatchLabels, grid_unknown_tokens
-from .outputs import note, step_reader, step_summary, write_json, write_parquet
-from .vocab import VocabIndex, excluded_ids, load_vocab
+from .neighbours import _vision_mapping, compute_h0_neighbours  # noqa: F401 - this module's API
+from .outputs import step_reader, step_summary, write_json, write_parquet
+from .reference import check_mode, preprocess_note, rule_note, store_preprocess
+from .vocab import load_vocab
 
 GROUPS = ("vit_sink", "llm_sink", "dead")
 LABELS = GROUPS + ("alive",)
@@ -62,188 +59,6 @@ OUTPUT_FILES = {
     "anchors": "anchors.json",
     "summary": "summary.json",
 }
-
-
-# --------------------------------------------------------------------------- neighbours
-def _vision_mapping(hidden, vision_layer, vision_token_offset, n_valid: np.ndarray):
-    """Which vision token feeds each LLM visual token 1:1.
-
-    Returns (``vmap`` (image, token) int: vision token index, -1 = none / not 1:1; the vision
-    layer used; a note). With the store's ``vision_to_llm (image, vision_token)`` map
-    (``vision_token_offset="auto"``), LLM token t gets vision token j when j is the only
-    vision token feeding t (several → merged/pooled patches → -1). Without the map, or with
-    an explicit integer offset: t ↔ offset + t ("auto": 0 when the counts match, 1 when the
-    vision side has one extra leading CLS token).
-    """
-    n_img, n_tok = hidden.sizes["image"], hidden.sizes["token"]
-    vmap = np.full((n_img, n_tok), -1, dtype=np.int64)
-    if "vision_hidden" not in hidden.variables:
-        return vmap, None, "no vision layers extracted: norm_vision is NaN"
-    vl_values = list(np.asarray(hidden["vision_layer"].values)) if "vision_layer" in hidden.coords else [None]
-    vl = vl_values[-1] if vision_layer is None else vision_layer
-    vt_dim = [d for d in hidden["vision_hidden"].dims if d not in ("image", "vision_layer", "vision_dim")][0]
-    n_v_all = hidden.sizes[vt_dim]
-    n_v = (np.asarray(hidden["n_vision_tokens"].values, dtype=np.int64)
-           if "n_vision_tokens" in hidden.variables else np.full(n_img, n_v_all))
-    if vision_token_offset == "auto" and "vision_to_llm" in hidden.variables:
-        v2l = np.asarray(hidden["vision_to_llm"].values, dtype=np.int64)
-        for i in range(n_img):
-            j = np.flatnonzero(v2l[i] >= 0)
-            t = v2l[i, j]
-            t_ok = (t < n_tok)
-            j, t = j[t_ok], t[t_ok]
-            counts = np.bincount(t, minlength=n_tok)
-            one = counts[t] == 1
-            vmap[i, t[one]] = j[one]
-        how = "the store's vision_to_llm map (a token fed by several vision tokens has no 1:1 partner)"
-    else:
-        for i in range(n_img):
-            if vision_token_offset == "auto":
-                off = 0 if n_v[i] == n_valid[i] else (1 if n_v[i] == n_valid[i] + 1 else None)
-            else:
-                off = int(vision_token_offset)
-                off = off if off + n_valid[i] <= n_v[i] else None
-            if off is not None:
-                vmap[i, : n_valid[i]] = off + np.arange(n_valid[i])
-        how = (f"vision token offset + t ↔ LLM visual token t (offset {vision_token_offset}; auto = 0 when the "
-               "counts match, 1 when the vision side has one extra leading CLS token)")
-    valid = valid_mask(hidden)
-    n_unmapped = int(((vmap < 0) & valid).sum())
-    msg = f"vision output = vision_layer {vl}; mapping by {how}"
-    if n_unmapped:
-        msg += (f"; {n_unmapped} of {int(valid.sum())} visual tokens have no 1:1 vision token "
-                "(merged/pooled patches, or counts that do not match): norm_vision is NaN there")
-    return vmap, vl, msg
-
-
-def compute_h0_neighbours(
-    hidden,
-    vocab,
-    *,
-    k: int = 3,
-    exclude_special: bool = True,
-    exclude_ids: Sequence[int] = (),
-    include_ids: Sequence[int] = (),
-    norm_layers: Sequence[int] | None = None,
-    vision_layer: Any = None,
-    vision_token_offset: int | str = "auto",
-    device: str = "auto",
-    vocab_block: int = 8192,
-    query_block: int = 4096,
-    max_block_bytes: int = 256 * 2**20,
-    progress: bool = True,
-) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Per visual token: top-k EmbedLens neighbours of ``h[0]`` and the norms.
-
-    Parameters
-    ----------
-    hidden : ``xarray.Dataset`` in the hidden-state store format (``open_hidden``);
-        must contain layer 0 of ``llm_hidden``.
-    vocab : ``vocab.zarr`` path / dataset or :class:`~.vocab.Vocab`.
-    k : neighbours kept per token (reference: 3).
-    exclude_special, exclude_ids, include_ids : candidate rows (see ``excluded_ids``).
-    norm_layers : layers whose ``h[l]`` norm is recorded (default: every extracted layer).
-    vision_layer : vision layer whose output norm is ``norm_vision`` (default: the last
-        extracted one).
-    vision_token_offset : vision token index of LLM visual token 0; ``"auto"`` = 0 when
-        the counts match, 1 when the vision side has one extra (CLS); else NaN + note.
-    device : ``"auto"`` → CUDA when available.
-    vocab_block, query_block : streaming block sizes (memory ≈ query_block × vocab_block × 4 B).
-    max_block_bytes : bound on the hidden states read per image block.
-
-    Returns
-    -------
-    table : DataFrame, one row per valid visual token: ``image``, ``image_id``, ``token``,
-        ``patch_row``, ``patch_col``, ``grid_rows``, ``grid_cols``, ``top{r}_id``,
-        ``top{r}_sim`` (r = 1..k), ``norm_vision``, ``norm_h{l}``.
-    info : excluded ids, vision mapping note, layers, timing.
-    """
-    t0 = time.perf_counter()
-    voc = load_vocab(vocab)
-    layers = layer_values(hidden)
-    if 0 not in layers:
-        raise ValueError("categorize needs layer 0 (h[0], the decoder input) in llm_hidden; "
-                         f"the store has layers {layers}")
-    if norm_layers is None:
-        norm_layers = layers
-    norm_layers = [int(l) for l in norm_layers]
-    missing = sorted(set(norm_layers) - set(layers))
-    if missing:
-        raise ValueError(f"norm_layers {missing} not in the store (layers {layers})")
-    read_layers = sorted(set(norm_layers) | {0})
-    excl = excluded_ids(voc, exclude_special=exclude_special, exclude_ids=exclude_ids,
-                        include_ids=include_ids)
-    index = VocabIndex(voc.embedding, exclude=excl, normalize=True, device=device,
-                       vocab_block=vocab_block)
-    if index.dim != hidden.sizes["dim"]:
-        raise ValueError(f"embedding dim {index.dim} != hidden dim {hidden.sizes['dim']}")
-    table = token_index(hidden)
-    valid = valid_mask(hidden)
-    n_valid = valid.sum(axis=1)
-    vmap, vl, vnote = _vision_mapping(hidden, vision_layer, vision_token_offset, n_valid)
-
-    llm = hidden["llm_hidden"]
-    itemsize = np.dtype(llm.dtype).itemsize
-    per_image = len(read_layers) * hidden.sizes["token"] * hidden.sizes["dim"] * itemsize
-    n_img = hidden.sizes["image"]
-    n_tok = len(table)
-    ids = np.empty((n_tok, k), dtype=np.int64)
-    sims = np.empty((n_tok, k), dtype=np.float32)
-    norms = {l: np.empty(n_tok, dtype=np.float32) for l in norm_layers}
-    norm_vision = np.full(n_tok, np.nan, dtype=np.float32)
-    l0 = read_layers.index(0)
-    pos = 0
-    blocks = list(image_blocks(n_img, per_image, max_block_bytes))
-    bar = progress_bar(total=n_tok, enabled=progress, desc="categorize: h[0] neighbours", unit="tok",
-                       unit_scale=True)
-    for i0, i1 in blocks:
-        arr = np.asarray(llm.isel(image=slice(i0, i1)).sel(layer=read_layers).transpose(
-            "image", "layer", "token", "dim").values)
-        m = valid[i0:i1]
-        cnt = int(m.sum())
-        sl = slice(pos, pos + cnt)
-        h0 = arr[:, l0][m]  # (cnt, d), stored dtype
-        ids[sl], sims[sl] = index.search(h0, k, query_block=query_block, on_block=bar.update)
-        for j, l in enumerate(read_layers):
-            if l in norms:
-                x = torch.from_numpy(np.ascontiguousarray(arr[:, j][m])).float()
-                norms[l][sl] = torch.linalg.vector_norm(x, dim=-1).numpy()
-        vm = vmap[i0:i1]
-        if vl is not None and (vm[m] >= 0).any():
-            vis = hidden["vision_hidden"].isel(image=slice(i0, i1)).sel(vision_layer=vl)
-            vis = np.asarray(vis.values)  # (b, n_v, vd)
-            vnorm = torch.linalg.vector_norm(torch.from_numpy(vis).float(), dim=-1).numpy()
-            bi, ti = np.nonzero(m)  # same order as the token table rows of this block
-            j = vm[bi, ti]
-            ok = j >= 0
-            out_v = np.full(cnt, np.nan, dtype=np.float32)
-            out_v[ok] = vnorm[bi[ok], j[ok]]
-            norm_vision[sl] = out_v
-        pos += cnt
-        del arr
-    bar.close()
-    assert pos == n_tok
-    for r in range(k):
-        table[f"top{r + 1}_id"] = ids[:, r]
-        table[f"top{r + 1}_sim"] = sims[:, r]
-    table["norm_vision"] = norm_vision
-    for l in norm_layers:
-        table[f"norm_h{l}"] = norms[l]
-    info = {
-        "k": int(k),
-        "n_tokens": int(n_tok),
-        "n_images": int(n_img),
-        "vocab_size": voc.size,
-        "excluded_ids": excl.tolist(),
-        "excluded_strings": [voc.strings[i] for i in excl[:200]],
-        "exclude_special": bool(exclude_special),
-        "norm_layers": norm_layers,
-        "vision_layer": None if vl is None else (vl.item() if hasattr(vl, "item") else vl),
-        "vision_norm_note": vnote,
-        "device": str(index.device),
-        "seconds": time.perf_counter() - t0,
-    }
-    return table, info
 
 
 # --------------------------------------------------------------------------- the rule
@@ -284,6 +99,23 @@ def apply_rule(table: pd.DataFrame, anchors: Mapping[str, Sequence[int]], *, k: 
     out["label"] = np.select(flags, list(GROUPS), default="alive") if len(ids) else np.array([], dtype=object)
     out["label_top1"] = np.select(flags1, list(GROUPS), default="alive") if len(ids) else np.array([], dtype=object)
     return out
+
+
+def _float32_labels(table: pd.DataFrame, ids32: np.ndarray, anchors: Mapping[str, Sequence[int]],
+                    k: int) -> dict[str, Any]:
+    """Add the float32 search's labels (``label_float32``, ``label_top1_float32``) to a
+    float16 ``table`` that went through :func:`apply_rule`; returns the shares of tokens
+    whose label (top-k rule, top-1 rule), top-k id list or top-1 id differ."""
+    t32 = apply_rule(pd.DataFrame({f"top{r + 1}_id": ids32[:, r] for r in range(k)}), anchors, k=k)
+    table["label_float32"] = t32["label"].to_numpy()
+    table["label_top1_float32"] = t32["label_top1"].to_numpy()
+    ids16 = table[_topk_columns(table, k)].to_numpy(np.int64)
+    n = max(len(table), 1)
+    return {"dtype": "float16", "compared_with": "float32", "n_tokens": int(len(table)),
+            "label_flip_share": float((table["label"] != table["label_float32"]).sum() / n),
+            "label_top1_flip_share": float((table["label_top1"] != table["label_top1_float32"]).sum() / n),
+            "topk_ids_change_share": float((np.sort(ids16, axis=1) != np.sort(ids32, axis=1)).any(axis=1).sum() / n),
+            "top1_change_share": float((ids16[:, 0] != ids32[:, 0]).sum() / n)}
 
 
 # --------------------------------------------------------------------------- summaries
@@ -340,9 +172,11 @@ def summarize(table: pd.DataFrame) -> dict[str, Any]:
 
 
 def nearest_word_histogram(table: pd.DataFrame, strings: Sequence[str],
-                           anchors: Mapping[str, Sequence[int]] | None = None) -> pd.DataFrame:
+                           anchors: Mapping[str, Sequence[int]] | None = None,
+                           texts: Sequence[str] | None = None) -> pd.DataFrame:
     """One row per vocabulary id that is a top-k neighbour of at least one token:
-    ``token_id``, ``token_string``, ``n_top1``, ``share_top1``, ``n_topk`` (tokens with the
+    ``token_id``, ``token_string`` (raw piece), ``token_text`` (decoded for reading:
+    ``texts``, default ``display_token`` of the piece), ``n_top1``, ``share_top1``, ``n_topk`` (tokens with the
     id anywhere in their top-k), ``share_topk``, ``n_images_top1``, ``anchor_group``.
     Sorted by ``n_top1`` then ``n_topk`` descending."""
     n = len(table)
@@ -359,22 +193,27 @@ def nearest_word_histogram(table: pd.DataFrame, strings: Sequence[str],
     df["share_top1"] = df["n_top1"] / max(n, 1)
     df["share_topk"] = df["n_topk"] / max(n, 1)
     df["token_string"] = [strings[i] for i in uk]
+    df["token_text"] = [texts[i] for i in uk] if texts is not None else df["token_string"].map(display_token)
     grp = {}
     for g in GROUPS:
         for a in (anchors or {}).get(g, []):
             grp.setdefault(int(a), g)
     df["anchor_group"] = [grp.get(int(i)) for i in uk]
     df = df.sort_values(["n_top1", "n_topk", "token_id"], ascending=[False, False, True])
-    return df[["token_id", "token_string", "n_top1", "share_top1", "n_topk", "share_topk",
+    return df[["token_id", "token_string", "token_text", "n_top1", "share_top1", "n_topk", "share_topk",
                "n_images_top1", "anchor_group"]].reset_index(drop=True)
 
 
-def add_neighbour_strings(table: pd.DataFrame, strings: Sequence[str], *, inplace: bool = False) -> pd.DataFrame:
-    """Add ``top{r}_token`` string columns (objects shared with the vocabulary list)."""
+def add_neighbour_strings(table: pd.DataFrame, strings: Sequence[str], *, texts: Sequence[str] | None = None,
+                          inplace: bool = False) -> pd.DataFrame:
+    """Add ``top{r}_token`` (the raw piece, "▁yellow") and ``top{r}_text`` (decoded for
+    reading, "yellow": ``texts``, default ``display_token`` of the piece) columns."""
     arr = np.asarray(list(strings) + [""], dtype=object)  # -1 → ""
+    txt = np.asarray(list(texts if texts is not None else map(display_token, strings)) + [""], dtype=object)
     out = table if inplace else table.copy()
     for c in _topk_columns(table, None):
         out[c.replace("_id", "_token")] = arr[table[c].to_numpy(np.int64)]
+        out[c.replace("_id", "_text")] = txt[table[c].to_numpy(np.int64)]
     return out
 
 
@@ -385,7 +224,7 @@ _COLUMN_ORDER_HEAD = ["image_id", "image", "token", "patch_row", "patch_col", "g
 def _order_columns(table: pd.DataFrame, k: int) -> pd.DataFrame:
     head = [c for c in _COLUMN_ORDER_HEAD if c in table.columns]
     flags = [c for g in GROUPS for c in (f"in_{g}", f"in_{g}_top1") if c in table.columns]
-    nn = [c for r in range(1, k + 1) for c in (f"top{r}_id", f"top{r}_sim", f"top{r}_token")
+    nn = [c for r in range(1, k + 1) for c in (f"top{r}_id", f"top{r}_sim", f"top{r}_token", f"top{r}_text")
           if c in table.columns]
     first = head + flags + nn
     return table[first + [c for c in table.columns if c not in first]]
@@ -413,6 +252,8 @@ def categorize(
     vocab_block: int = 8192,
     query_block: int = 4096,
     max_block_bytes: int = 256 * 2**20,
+    similarity_dtype: str = "float32",
+    mode: str = "ours",
     model: str | None = None,
     dataset: str | None = None,
     progress: bool = True,
@@ -433,7 +274,14 @@ def categorize(
     labels : patch labels of the data set (``read_patch_labels``), used only by anchor
         discovery (its content test); optional.
     top_k : neighbours kept per token and used by the rule (reference k = 3).
-    exclude_special / exclude_ids / include_ids : vocabulary rows removed from the candidates.
+    exclude_special / exclude_ids / include_ids : vocabulary rows removed from the candidates
+        (the reference searches every row: ``exclude_special=False``, no ``exclude_ids``).
+    similarity_dtype : "float32" (methods.md), or "float16" as a float16 model's code computes
+        it: the labels are float16's, the table adds ``label_float32``/``label_top1_float32``
+        and the summary's ``similarity_check`` the share of labels (and top-k ids) that differ.
+    mode : the model's ``mode`` in config.yaml (``ours``, ``reference``, ``reference-float16``),
+        recorded in ``settings``; the config turns it into the knobs above (a reference mode
+        with special rows excluded is a ValueError).
     norm_layers, vision_layer, vision_token_offset : see :func:`compute_h0_neighbours`.
     num_layers : L, to place the early-layer window of LLM-sink discovery (default from
         store attrs, else the largest extracted layer).
@@ -448,9 +296,13 @@ def categorize(
     ValueError
         the store has no layer 0 (h[0]); ``norm_layers`` not stored; the embedding and
         hidden sizes differ; an unknown anchor group; anchor ids outside the vocabulary;
-        ``model_anchors`` of another model or vocabulary.
+        ``model_anchors`` of another model or vocabulary; an unknown ``mode`` or
+        ``similarity_dtype``; a reference ``mode`` with ``exclude_special``.
     """
     t0 = time.perf_counter()
+    if check_mode(mode) != "ours" and exclude_special:
+        raise ValueError(f"categorize: mode {mode!r} searches every vocabulary row, as the reference code "
+                         "does; exclude_special=True contradicts it (set exclude_special: false or mode: ours)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     voc = load_vocab(vocab)
@@ -458,15 +310,14 @@ def categorize(
         hidden, voc, k=top_k, exclude_special=exclude_special, exclude_ids=exclude_ids,
         include_ids=include_ids, norm_layers=norm_layers, vision_layer=vision_layer,
         vision_token_offset=vision_token_offset, device=device, vocab_block=vocab_block,
-        query_block=query_block, max_block_bytes=max_block_bytes, progress=progress,
+        query_block=query_block, max_block_bytes=max_block_bytes, similarity_dtype=similarity_dtype,
+        progress=progress,
     )
+    ids32 = info.pop("ids_float32", None)
     L = num_layers_of(hidden, num_layers)
-    methods_notes = [
-        note("reference", "embedlens_rule",
-             f"Top-{top_k} cosine neighbours of h[0] among the rows of E (float32), "
-             f"{len(info['excluded_ids'])} special/added rows excluded; label = first group "
-             "among vit_sink, llm_sink, dead with an anchor id in the top-k, else alive."),
-    ]
+    preprocess = store_preprocess(hidden)
+    methods_notes = [rule_note(top_k, info["excluded_ids"], voc.strings, similarity_dtype),
+                     preprocess_note(preprocess)]
     configured = {g: [int(i) for i in ids] for g, ids in (anchors or {}).items()}
     unknown = set(configured) - set(GROUPS)
     if unknown:
@@ -502,9 +353,14 @@ def categorize(
         notes.append(f"anchor ids {excluded_anchor} are excluded candidates and can never match")
 
     apply_rule(table, used, k=top_k, inplace=True)
-    add_neighbour_strings(table, voc.strings, inplace=True)
+    check = None
+    if ids32 is not None:
+        check = _float32_labels(table, ids32, used, top_k)
+        notes.append(f"similarity in float16: {check['label_flip_share']:.2%} of the labels (top-{top_k} rule) "
+                     f"and {check['topk_ids_change_share']:.2%} of the top-{top_k} id lists differ from float32")
+    add_neighbour_strings(table, voc.strings, texts=voc.texts, inplace=True)
     table = _order_columns(table, top_k)
-    hist = nearest_word_histogram(table, voc.strings, used)
+    hist = nearest_word_histogram(table, voc.strings, used, texts=voc.texts)
     summary = summarize(table)
     anchors_doc = {
         "source": source,
@@ -514,6 +370,7 @@ def categorize(
                      else [dataset] if dataset else []),
         "anchors": used,
         "anchor_strings": {g: [voc.strings[i] for i in ids] for g, ids in used.items()},
+        "anchor_texts": {g: [voc.texts[i] for i in ids] for g, ids in used.items()},
         "evidence": evidence,
     }
     summary.update({
@@ -521,6 +378,7 @@ def categorize(
         "dataset": dataset,
         "anchors": anchors_doc["anchors"],
         "anchor_strings": anchors_doc["anchor_strings"],
+        "anchor_texts": anchors_doc["anchor_texts"],
         "anchor_source": source,
         "anchor_sources": sources,
         "anchor_scope": scope,
@@ -530,7 +388,11 @@ def categorize(
             "include_ids": list(map(int, include_ids)), "vision_token_offset": vision_token_offset,
             "discover_anchors": discover_anchors, "discovery": dict(discovery or {}), "num_layers": L,
             "model_anchors": model_anchors is not None,
+            "similarity_dtype": similarity_dtype, "mode": mode,
         },
+        "preprocess": preprocess,
+        "all_rows_searched": not info["excluded_ids"],
+        "similarity_check": check,
         "excluded_ids": info["excluded_ids"],
         "excluded_strings": info["excluded_strings"],
         "vocab_size": info["vocab_size"],

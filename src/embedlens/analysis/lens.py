@@ -35,7 +35,8 @@ from embedlens.store import (
     valid_mask,
 )
 
-from .outputs import note, step_reader, step_summary, write_json
+from .outputs import step_reader, step_summary, write_json
+from .reference import check_mode, vocabulary_search_note
 from .vocab import VocabIndex, excluded_ids, load_vocab
 
 #: Files of the step's directory.
@@ -103,6 +104,7 @@ def layer_lens(
     vocab_block: int = 8192,
     query_block: int = 4096,
     max_block_bytes: int = 256 * 2**20,
+    mode: str = "ours",
     model: str | None = None,
     dataset: str | None = None,
     progress: bool = True,
@@ -127,6 +129,8 @@ def layer_lens(
     exclude_special / exclude_ids / include_ids : rows removed from the top-k.
     images / max_images : subset of images (ids or positions; first n) to keep it cheap.
     device, vocab_block, query_block, max_block_bytes : compute knobs.
+    mode : the model's ``mode`` in config.yaml, recorded in ``settings`` (the config's
+        reference modes set ``exclude_special=False``: every row, as the reference code).
 
     Output variables (dims image, layer, token, k; invalid tokens: id -1, value NaN):
     ``emb_id`` int32, ``emb_sim`` float32; with a head also ``logit_id`` int32,
@@ -138,7 +142,7 @@ def layer_lens(
     Raises
     ------
     ValueError
-        ``layers`` not in the store, or no image selected.
+        ``layers`` not in the store, no image selected, an unknown ``mode``.
     KeyError
         an ``images`` entry that is not in the store.
     """
@@ -146,6 +150,7 @@ def layer_lens(
     import xarray as xr
 
     t0 = time.perf_counter()
+    check_mode(mode)
     voc = load_vocab(vocab)
     all_layers = layer_values(hidden)
     layers = all_layers if layers in (None, "all") else [int(l) for l in layers]
@@ -197,16 +202,15 @@ def layer_lens(
         "model": model, "dataset": dataset,
         "settings": {"top_k": k, "layers": layers, "max_images": max_images,
                      "exclude_special": exclude_special, "exclude_ids": list(map(int, exclude_ids)),
-                     "include_ids": list(map(int, include_ids))},
+                     "include_ids": list(map(int, include_ids)), "mode": mode},
         "k": int(k), "layers": layers, "num_layers": L,
         "final_norm_applied_to_last_layer": applied_last,
         "final_norm_applied_by_lens": {str(l): v for l, v in norm_by_layer.items()},
         "logit_lens": logit_index is not None,
         "excluded_ids": excl.tolist(), "n_images": int(len(pos)), "notes": notes,
-        "methods_notes": [note("reference", "layer_lens",
-                               "Embedding lens = top-k cosine with E; logit lens = top-k of "
-                               "lm_head(final_norm(h[l])), final norm not re-applied to the last "
-                               "HF hidden state (already normed).")],
+        "methods_notes": [vocabulary_search_note(
+            "layer_lens", "Embedding lens = top-k cosine with E; logit lens = top-k of lm_head(final_norm(h[l])), "
+            "final norm not re-applied to the last HF hidden state (already normed).", excl, voc.strings)],
     }
     first = True
     with atomic_directory(out_path) as tmp:

@@ -116,6 +116,7 @@ def discover_model_anchors(
     vocab_block: int = 8192,
     query_block: int = 4096,
     max_block_bytes: int = 256 * 2**20,
+    similarity_dtype: str = "float32",
     model: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -169,7 +170,9 @@ def discover_model_anchors(
             hidden, voc, k=top_k, exclude_special=exclude_special, exclude_ids=exclude_ids,
             include_ids=include_ids, norm_layers=norm_layers, vision_layer=vision_layer,
             vision_token_offset=vision_token_offset, device=device, vocab_block=vocab_block,
-            query_block=query_block, max_block_bytes=max_block_bytes, progress=progress)
+            query_block=query_block, max_block_bytes=max_block_bytes, progress=progress,
+            # the same neighbours categorize labels with (float16 in reference-float16 mode)
+            similarity_dtype=similarity_dtype)
     table, token_labels, label_words = pool_tables(tables, labels)
     names = list(tables)
     labelled = [n for n in names if (labels or {}).get(n) is not None and not labels[n].empty]
@@ -209,7 +212,7 @@ def discover_model_anchors(
         "settings": {"top_k": top_k, "exclude_special": exclude_special,
                      "exclude_ids": list(map(int, exclude_ids)), "include_ids": list(map(int, include_ids)),
                      "vision_token_offset": vision_token_offset, "discover_anchors": discover_anchors,
-                     "discovery": dict(discovery or {}), "num_layers": L},
+                     "discovery": dict(discovery or {}), "num_layers": L, "similarity_dtype": similarity_dtype},
         "seconds": time.perf_counter() - t0, "notes": notes, "methods_notes": methods_notes,
         "files": dict(OUTPUT_FILES),
         **{k: doc[k] for k in ("datasets", "anchors", "anchor_strings", "sources", "n_tokens", "n_images",

@@ -49,6 +49,7 @@ from embedlens.store import layer_values, valid_mask
 
 from .labels import PatchLabels, grid_unknown_tokens
 from .outputs import note, step_reader, step_summary, write_json, write_parquet
+from .reference import check_mode
 from .vocab import load_vocab, normalize_word
 
 OUTPUT_FILES = {"probe": "probe.parquet", "hitk": "hitk.parquet", "summary": "summary.json"}
@@ -283,7 +284,7 @@ def _with_neighbours(cat: pd.DataFrame, hidden, vocab, k: int, exclude_ids, img_
     excl = (excluded_ids(voc) if exclude_ids is None else np.asarray(sorted(set(map(int, exclude_ids)))))
     x = _gather_features(hidden, "llm", 0, img_pos, tok, max_block_bytes=max_block_bytes)
     ids, _ = VocabIndex(voc.embedding, exclude=excl).search(x, k)
-    out = cat.drop(columns=[c for c in cat.columns if re.fullmatch(r"top\d+_(token|id|sim)", c)])
+    out = cat.drop(columns=[c for c in cat.columns if re.fullmatch(r"top\d+_(token|text|id|sim)", c)])
     arr = np.asarray(voc.strings + [""], dtype=object)
     for r in range(k):
         out[f"top{r + 1}_id"] = ids[:, r]
@@ -328,6 +329,7 @@ def probe(
     vocab=None,
     exclude_ids: Sequence[int] | None = None,
     max_block_bytes: int = 256 * 2**20,
+    mode: str = "ours",
     model: str | None = None,
     dataset: str | None = None,
     progress: bool = True,
@@ -356,19 +358,20 @@ def probe(
         k recomputes the h[0] neighbours of the labelled tokens (needs ``vocab``).
     vocab, exclude_ids : vocabulary store and excluded ids, for hit@k's uniform chance and a
         recomputation (default exclusions: those recorded by categorize when ``categories``
-        is a path, else the vocabulary's special rows).
+        is a path, else the vocabulary's special rows). mode : the model's ``mode`` in
+        config.yaml, recorded in ``settings``.
 
     Raises
     ------
     ValueError
         ``tasks`` not among the data set's label tasks; an unknown ``control_type`` or token
         group; ``layers`` not in the store; categories that do not match the store (images or
-        tokens missing); ``hit_k`` other than the stored k without ``vocab``.
+        tokens missing); ``hit_k`` other than the stored k without ``vocab``; an unknown ``mode``.
     """
     t0 = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    base = {"model": model, "dataset": dataset}
+    base = {"model": model, "dataset": dataset, "settings": {"mode": check_mode(mode)}}
     if labels is None or labels.empty:
         return _skipped(out, "no labels", base)
     if isinstance(categories, (str, Path)):
@@ -377,7 +380,8 @@ def probe(
         if exclude_ids is None and (cat_path.parent / "summary.json").exists():
             import json
 
-            exclude_ids = json.loads((cat_path.parent / "summary.json").read_text()).get("excluded_ids")
+            summary = json.loads((cat_path.parent / "summary.json").read_text())  # the one summary shape
+            exclude_ids = (summary.get("results") or summary).get("excluded_ids")
         categories = pd.read_parquet(cat_path)
     groups = resolve_groups(groups)
     task_names = list(labels.tasks) if not tasks else [t for t in tasks]
@@ -435,7 +439,7 @@ def probe(
     grid_unknown, notes = grid_unknown_tokens(cat, "the probes and hit@k")
     vl, vmap = None, None
     if include_vision:
-        from .categorize import _vision_mapping
+        from .neighbours import _vision_mapping
 
         vmap, vl, vnote = _vision_mapping(hidden, vision_layer, vision_token_offset, vm.sum(axis=1))
         if vl is not None and (vmap[img_pos[labelled], tok[labelled]] >= 0).any():
@@ -560,7 +564,7 @@ def probe(
                      "pca_components": pca_components, "C": C, "max_iter": max_iter,
                      "n_bootstrap": n_bootstrap, "ci": ci, "min_tokens": min_tokens,
                      "min_test_tokens": min_test_tokens, "control_type": control_type,
-                     "hit_k": hit_k},
+                     "hit_k": hit_k, "mode": mode},
         "notes": notes,
         "methods_notes": [
             note("reference", "probe", "Multinomial logistic regression (lbfgs, L2, C="

@@ -33,6 +33,7 @@ from .lens import layer_lens
 from .model_anchors import anchors_document, discover_model_anchors
 from .outputs import note, step_summary, write_json
 from .probe import probe
+from .reference import check_mode
 from .settings import config_kwargs
 
 
@@ -111,11 +112,13 @@ def text_states_step(model_dir, dataset_dir, out_dir, settings: Mapping[str, Any
                      trust_remote_code: bool = False, progress: bool = True) -> dict[str, Any]:
     """``embedlens text-states``: the reference text states for :func:`align` — label-word
     captions of the data set (plus ``extra_words``) run through the model's LLM; writes
-    ``text_states.npz`` and ``summary.json`` into ``out_dir``."""
+    ``text_states.npz`` and ``summary.json`` into ``out_dir``. ``settings["mode"]`` (the
+    model's mode) is recorded in the summary's ``settings``; it changes nothing here."""
     from embedlens.models.adapter import VLMAdapter
 
     t0 = time.perf_counter()
     settings = dict(settings or {})
+    mode = check_mode(settings.get("mode", "ours"))
     prompt_keys = ("templates", "compositions", "extra_words")
     meta = json.loads((Path(dataset_dir) / "dataset.json").read_text())
     dev = resolve_device(device)
@@ -129,7 +132,7 @@ def text_states_step(model_dir, dataset_dir, out_dir, settings: Mapping[str, Any
     states.save(out / TEXT_STATES_FILE)
     summary = step_summary("text_states", {
         "model": model, "dataset": dataset,
-        "settings": {k: settings.get(k) for k in prompt_keys},
+        "settings": {**{k: settings.get(k) for k in prompt_keys}, "mode": mode},
         "seconds": time.perf_counter() - t0,
         "methods_notes": [note("ours", "text_states",
                                "Label-word captions and a generic word list run through the LLM "

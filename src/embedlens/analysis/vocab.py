@@ -18,8 +18,12 @@ import numpy as np
 import torch
 
 from embedlens.runtime import progress_bar, resolve_device
+from embedlens.store import display_token
 
 _EPS = 1e-12
+
+#: ``VocabIndex(dtype=...)`` / ``categorize(similarity_dtype=...)`` → the dtype of the products.
+SIMILARITY_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 # Markers tokenizers put in front of / around a word piece (sentencepiece "▁", GPT-2 byte
 # level "Ġ"/"Ċ", WordPiece "##").
@@ -30,23 +34,33 @@ _WORD_MARKERS = ("▁", "Ġ", "Ċ", "##", " ")
 class Vocab:
     """The LLM input-embedding matrix with its token strings.
 
-    ``embedding`` (V, d) float32; ``strings`` length V; ``is_special`` (V,) bool
-    (added/special tokens as the tokenizer marks them).
+    ``embedding`` (V, d) float32; ``strings`` length V, the raw pieces ("▁jav", "Ġred": what
+    matching and anchors use); ``is_special`` (V,) bool (added/special tokens as the
+    tokenizer marks them); ``texts`` length V, the pieces decoded for reading ("jav",
+    "red"; default: ``embedlens.store.display_token`` of each piece).
+
+    Raises
+    ------
+    ValueError
+        the lengths of ``strings``, ``is_special`` or ``texts`` differ from the rows.
     """
 
     embedding: np.ndarray
     strings: list[str]
     is_special: np.ndarray
+    texts: list[str] | None = None
 
     def __post_init__(self) -> None:
         self.embedding = np.asarray(self.embedding)
         self.strings = [str(s) for s in self.strings]
         self.is_special = np.asarray(self.is_special, dtype=bool)
+        self.texts = ([display_token(s) for s in self.strings] if self.texts is None
+                      else [str(s) for s in self.texts])
         v = self.embedding.shape[0]
-        if len(self.strings) != v or self.is_special.shape != (v,):
+        if len(self.strings) != v or self.is_special.shape != (v,) or len(self.texts) != v:
             raise ValueError(
-                f"vocab: embedding has {v} rows but {len(self.strings)} strings and "
-                f"{self.is_special.shape} special flags"
+                f"vocab: embedding has {v} rows but {len(self.strings)} strings, {len(self.texts)} texts "
+                f"and {self.is_special.shape} special flags"
             )
 
     @property
@@ -57,7 +71,8 @@ class Vocab:
 def load_vocab(vocab: Any) -> Vocab:
     """Accept a :class:`Vocab`, a path to ``vocab.zarr`` or an ``xarray.Dataset`` in the
     documented vocabulary-store format (``embedding (vocab, dim)``, coords
-    ``token_string``, ``is_special``)."""
+    ``token_string``, ``token_text``, ``is_special``; a store without ``token_text``, written
+    before it existed, gets ``display_token`` of each piece)."""
     if isinstance(vocab, Vocab):
         return vocab
     import xarray as xr
@@ -77,7 +92,8 @@ def load_vocab(vocab: Any) -> Vocab:
             if "is_special" in vocab.variables
             else np.zeros(n, dtype=bool)
         )
-        return Vocab(emb, strings, special)
+        texts = ([str(s) for s in vocab["token_text"].values] if "token_text" in vocab.variables else None)
+        return Vocab(emb, strings, special, texts)
     raise TypeError(f"cannot read a vocabulary from {type(vocab).__name__}")
 
 
@@ -122,8 +138,18 @@ class VocabIndex:
     Rows listed in ``exclude`` never appear in the results. Ties: the k kept entries are
     ordered by (score descending, id ascending); which of several exactly tied rows is kept
     at the boundary follows ``torch.topk``.
-    Memory: one copy of the matrix (float32, on ``device``) plus one
+
+    ``dtype``: "float32" (default), or "float16": rows and queries are normalized in float32,
+    then rounded to float16 and multiplied in float16, as code running a float16 model
+    computes the similarity (LLaVA-1.5's released code); scores come back as float32.
+    Memory: one copy of the matrix (in ``dtype``, on ``device``) plus one
     ``query_block × vocab_block`` score block.
+
+    Raises
+    ------
+    ValueError
+        a matrix that is not 2-D, excluded ids outside it, every row excluded, an unknown
+        ``dtype``.
     """
 
     def __init__(
@@ -135,7 +161,11 @@ class VocabIndex:
         bias: Any = None,
         device: str | torch.device | None = "auto",
         vocab_block: int = 8192,
+        dtype: str = "float32",
     ) -> None:
+        if dtype not in SIMILARITY_DTYPES:
+            raise ValueError(f"similarity dtype must be one of {list(SIMILARITY_DTYPES)}, got {dtype!r}")
+        self.dtype = SIMILARITY_DTYPES[dtype]
         self.device = torch.device(resolve_device(device))
         if isinstance(matrix, torch.Tensor):
             w = matrix.detach().to(device=self.device, dtype=torch.float32, copy=True)
@@ -145,7 +175,7 @@ class VocabIndex:
             raise ValueError(f"vocabulary matrix must be 2-D, got shape {tuple(w.shape)}")
         if normalize:  # in place: a single copy of E in memory
             w.div_(torch.linalg.vector_norm(w, dim=1, keepdim=True).clamp_min_(_EPS))
-        self.matrix = w
+        self.matrix = w if self.dtype == torch.float32 else w.to(self.dtype)
         self.normalize = normalize
         self.bias = (
             None
@@ -212,6 +242,7 @@ class VocabIndex:
                 raise ValueError(f"queries must be (n, {self.dim}), got {tuple(q.shape)}")
             if self.normalize:
                 q = q / torch.linalg.vector_norm(q, dim=1, keepdim=True).clamp_min(_EPS)
+            q = q.to(self.dtype)
             m = q.shape[0]
             best_v = torch.full((m, k_eff), -math.inf, device=self.device)
             best_i = torch.full((m, k_eff), -1, dtype=torch.int64, device=self.device)
@@ -220,7 +251,7 @@ class VocabIndex:
                 run_sum = torch.zeros(m, device=self.device)
             for b, start in enumerate(range(0, self.size, self.vocab_block)):
                 stop = min(start + self.vocab_block, self.size)
-                s = q @ self.matrix[start:stop].T
+                s = (q @ self.matrix[start:stop].T).float()
                 if self.bias is not None:
                     s += self.bias[start:stop]
                 if logsumexp:

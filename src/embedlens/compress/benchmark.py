@@ -196,6 +196,8 @@ def run_compress(
     pack_choices: bool = True,
     best_aligned_layer: int | None = None,
     items_out=None,
+    preprocess: str = "native",
+    mode: str = "ours",
     trust_remote_code: bool = False,
     progress: bool = True,
 ) -> pd.DataFrame:
@@ -213,6 +215,10 @@ def run_compress(
     `chunk_items`: items captured at a time (bounds memory). Each item is framed by its own
     ``answer_prefix``/``choice_texts`` (:func:`embedlens.vqa.item_framing`).
     `items_out`: optional Parquet path for the per-item predictions.
+    `preprocess`: what happens to an image before the processor (`embedlens.models.preprocess`);
+    it must be the extraction's, so that the categorized tokens are the tokens scored
+    (:func:`embedlens.compress.steps.compress_step` takes it from the categorize summary).
+    `mode`: the model's ``mode`` in config.yaml, recorded in ``settings``.
 
     One row per (condition, seed, item type) plus ``item_type == "all"``; ``seed`` is <NA>
     on the condition-level rows (for random_matched: mean over seeds, ``accuracy_sd``
@@ -223,16 +229,21 @@ def run_compress(
     ValueError
         a data set without VQA items, an item whose answer is not among its choices or that
         cannot be framed, images of the items missing from the categories, a malformed
-        condition.
+        condition, an unknown `preprocess` or `mode`.
     embedlens.models.parts.UnsupportedModelError
         a model the interventions cannot run on (named, with what is missing).
     """
     from embedlens import vqa
     from embedlens.analysis.outputs import step_summary, write_json, write_parquet
-    from embedlens.runtime import resolve_device
+    from embedlens.analysis.reference import check_mode
     from embedlens.datasets.materialize import load_dataset
+    from embedlens.models.preprocess import PREPROCESS, preprocess_images
+    from embedlens.runtime import resolve_device
 
     t0 = time.perf_counter()
+    check_mode(mode)
+    if preprocess not in PREPROCESS:
+        raise ValueError(f"preprocess must be one of {list(PREPROCESS)}, got {preprocess!r}")
     dev = resolve_device(device)
     ds = load_dataset(dataset_dir)
     items = list(ds.vqa)[: n_items if n_items is not None else None]
@@ -270,7 +281,8 @@ def run_compress(
             chunk = []
             for k, item in enumerate(items[start:start + chunk_items], start=start):
                 frame = framings[k]
-                inputs = vqa.prepare_prompt(processor, ds.image(item["image_id"]), item["question"],
+                (image,) = preprocess_images([ds.image(item["image_id"])], processor, preprocess)
+                inputs = vqa.prepare_prompt(processor, image, item["question"],
                                             frame.answer_prefix, prompt_fn=adapter.format_prompt)
                 inputs = {k2: v.to(dev) for k2, v in inputs.items()}
                 prompt = iv.capture_sequence(model, inputs, item["image_id"])
@@ -325,7 +337,8 @@ def run_compress(
         "model": meta["model"], "dataset": ds.name,
         "settings": {"n_items": len(items), "seeds": list(seeds), "repeats": repeats,
                      "latency_items": len(latency_prompts), "batch_size": batch_size,
-                     "pack_choices": pack_choices, "device": str(dev), "dtype": str(dtype)},
+                     "pack_choices": pack_choices, "device": str(dev), "dtype": str(dtype),
+                     "preprocess": preprocess, "mode": mode},
         "seconds": time.perf_counter() - t0,
         "methods_notes": methods_notes(pack_choices),
         "files": dict(OUTPUT_FILES),

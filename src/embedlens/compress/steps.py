@@ -43,14 +43,18 @@ def compress_step(model_dir, dataset_dir, categories_dir, out_dir, settings: Map
                   progress: bool = True) -> pd.DataFrame:
     """``embedlens compress``: :func:`run_compress` with the config section ``settings``
     (its keys are ``run_compress``'s keywords, plus ``conditions`` and
-    ``use_best_aligned_layer``)."""
+    ``use_best_aligned_layer``). The images are preprocessed as for the states the
+    categories came from (the categorize summary's ``preprocess``), so that the tokens
+    pruned by category are the tokens that were categorized."""
     s = dict(settings or {})
     conditions = s.pop("conditions", "default")
     use_best = s.pop("use_best_aligned_layer", True)
     best = best_aligned_layer(align_dir) if use_best else None
     categories = Path(categories_dir)
     if categories.is_dir():
-        categories = read_step(categories, "categorize").path("categories")
+        cat = read_step(categories, "categorize")
+        categories = cat.path("categories")
+        s.setdefault("preprocess", cat.summary["results"].get("preprocess", "native"))
     return run_compress(model_dir, dataset_dir, categories, None if conditions == "default" else conditions,
                         out_dir, best_aligned_layer=best, trust_remote_code=trust_remote_code,
                         progress=progress, **s)

@@ -33,6 +33,7 @@ from embedlens.models.loading import load_model, load_processor
 from embedlens.models.loading import optional_video_processor  # noqa: F401 - re-export (tiny builders import it here)
 from embedlens.models.overrides import ImageContext, TokenLayout, get_overrides
 from embedlens.models.parts import UnsupportedModelError  # noqa: F401 - re-export: callers catch it from here
+from embedlens.models.preprocess import preprocess_images
 
 @dataclass
 class ImageHidden:
@@ -158,6 +159,9 @@ class VLMAdapter:
         #: leave out the text after the last visual token where the architecture allows it
         #: (`ArchOverrides.truncate_after_image`); the states are the same, the work less
         self.truncate = True
+        #: what `prepare` does to an image before the processor (`embedlens.models.preprocess`):
+        #: "native" (nothing) or "pad_square" (LLaVA-1.5's expand2square, any architecture)
+        self.preprocess = "native"
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -281,6 +285,27 @@ class VLMAdapter:
         out = [t if isinstance(t, str) else "" for t in tokens]
         return out + [""] * (n - len(out))
 
+    def token_texts(self) -> list[str | None]:
+        """Each vocabulary piece decoded for reading ("▁jav" → "jav", "Ġred" → "red"): the
+        tokenizer's ``convert_tokens_to_string`` of the piece alone, spaces around it
+        stripped (a piece that is only whitespace kept). None where the tokenizer cannot
+        decode a piece (or has no such method): the vocabulary store then takes
+        ``embedlens.store.display_token`` of it. "" past the tokenizer."""
+        convert = getattr(self.tokenizer, "convert_tokens_to_string", None)
+        out: list[str | None] = []
+        for piece in self.token_strings():
+            if piece == "" or convert is None:
+                out.append("" if piece == "" else None)
+                continue
+            try:
+                text = convert([piece])
+            except Exception:  # noqa: BLE001 - a piece the tokenizer cannot decode gets the fallback
+                out.append(None)
+                continue
+            # "\ufffd": a piece holding part of a multi-byte character decodes to nothing readable
+            out.append(None if not isinstance(text, str) or "\ufffd" in text else (text.strip(" ") or text))
+        return out
+
     def special_token_ids(self) -> set[int]:
         """Ids excluded from lens candidates: special and added tokens (image, pad, control...)
         plus embedding rows beyond the tokenizer (never produced, untrained padding)."""
@@ -327,13 +352,16 @@ class VLMAdapter:
 
     def prepare(self, images: Sequence[Any], prompt: str | Sequence[str]) -> PreparedBatch:
         """Processor inputs for `images` (one per row) with `prompt` (one, or one per image),
-        right-padded to the longest row."""
+        right-padded to the longest row; each image first goes through `self.preprocess`
+        (`embedlens.models.preprocess`: "pad_square" pads it to a square with the image
+        processor's mean colour, as LLaVA-1.5's released code did)."""
         images = list(images)
         prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
         if len(prompts) != len(images):
             raise ValueError(f"{len(prompts)} prompts for {len(images)} images")
         texts = [self.format_prompt(p) for p in prompts]
         images = [im.convert("RGB") if hasattr(im, "convert") else im for im in images]
+        images = preprocess_images(images, self.processor, self.preprocess)
         # padding_side explicitly: processors pass the tokenizer's saved init kwargs (some real
         # checkpoints save "left") as call defaults, overriding the tokenizer attribute
         kwargs = dict(padding=True, padding_side="right", return_tensors="pt", **self.overrides.processor_kwargs())

@@ -18,6 +18,8 @@ from typing import Any
 
 import pandas as pd
 
+from embedlens.store import display_token
+
 #: The EmbedLens categories (a token gets the first group whose anchor it matches, else alive).
 LABELS = ("vit_sink", "llm_sink", "dead", "alive")
 GROUPS = LABELS[:3]
@@ -154,9 +156,11 @@ def _plain_log_ticks(axis) -> None:
     axis.set_minor_formatter(NullFormatter())
 
 
-def _tok(s: Any) -> str:
-    """Token string for display: whitespace made visible, kept short."""
-    s = str(s)
+def _tok(s: Any, raw: bool = False) -> str:
+    """A vocabulary token for display: decoded for reading ("Ġyellow" / "▁yellow" → "yellow",
+    ``embedlens.store.display_token``; an already decoded text stays as it is), or the raw
+    piece when ``raw``; whitespace made visible, kept short."""
+    s = str(s) if raw else display_token(s)
     if s == "":
         return "∅"
     s = s.replace("\n", "\\n").replace("\t", "\\t")

@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from embedlens.store import display_token
+
 #: The data set's metadata file (materialize). Every analysis step's files are read
 #: through that step's reader (``embedlens.analysis.read_*``, ``embedlens.compress.steps
 #: .read_compress``): the file names live with the step that writes them.
@@ -65,6 +67,9 @@ class ReportInputs:
     dataset_meta: dict[str, Any] | None = None
     dataset_dir: Path | None = None
     vocab_strings: np.ndarray | None = None
+    #: the pieces decoded for reading (the store's ``token_text``; ``display_token`` of each
+    #: piece for a store written before it existed)
+    vocab_texts: np.ndarray | None = None
     vocab_attrs: dict[str, Any] = field(default_factory=dict)
     categories: pd.DataFrame | None = None
     cat_summary: dict[str, Any] | None = None
@@ -214,6 +219,8 @@ def load_inputs(
 
             v = xr.open_zarr(str(vp), consolidated=None)
             inp.vocab_strings = np.asarray([str(s) for s in v["token_string"].values], dtype=object)
+            inp.vocab_texts = np.asarray([str(s) for s in v["token_text"].values] if "token_text" in v.variables
+                                         else [display_token(s) for s in inp.vocab_strings], dtype=object)
             inp.vocab_attrs = dict(v.attrs)
         except Exception as exc:  # noqa: BLE001
             miss["vocab"] = f"the vocabulary store {vp} could not be read: {exc}"

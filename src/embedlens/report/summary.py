@@ -109,6 +109,8 @@ def summary_alive(rows: Sequence[Mapping[str, Any]]) -> list:
     ax.set_ylabel("alive visual tokens (%)")
     ax.legend(fontsize=8)
     t = pd.DataFrame([{"report": _link(r),
+                       # which mode produced it: only reference modes compare with the paper's 60 %
+                       "mode": (r["cat"].get("settings") or {}).get("mode") or "not recorded",
                        "alive (top-1)": _pct(((r["cat"].get("shares") or {}).get("top1") or {}).get("alive")),
                        "alive (top-k)": _pct(((r["cat"].get("shares") or {}).get("topk") or {}).get("alive")),
                        "dead (top-k)": _pct(((r["cat"].get("shares") or {}).get("topk") or {}).get("dead")),

@@ -23,11 +23,13 @@ def section_anchors(inp: ReportInputs) -> list:
         return [callout(f"anchors: {inp.why('categorize')}")]
     cs = inp.cat_summary or {}
     doc = inp.anchors or {"source": cs.get("anchor_source"), "anchors": cs.get("anchors", {}),
-                          "anchor_strings": cs.get("anchor_strings", {}), "evidence": {},
+                          "anchor_strings": cs.get("anchor_strings", {}),
+                          "anchor_texts": cs.get("anchor_texts", {}), "evidence": {},
                           "scope": cs.get("anchor_scope"), "datasets": cs.get("anchor_datasets")}
     source = doc.get("source") or "unknown"
     anchors = doc.get("anchors") or {}
     strings = doc.get("anchor_strings") or {}
+    texts = doc.get("anchor_texts") or {}  # decoded by the tokenizer, when recorded
     ev = doc.get("evidence") or {}
     s = inp.cat_summary or {}
     out: list = []
@@ -55,7 +57,8 @@ def section_anchors(inp: ReportInputs) -> list:
         gev = ev.get(g) or {}
         rows.append({
             "group": g, "anchor ids": ", ".join(str(i) for i in ids) or "—",
-            "anchor strings": ", ".join(_tok(x) for x in strings.get(g, [])) or "—",
+            "anchor text": ", ".join(_tok(x) for x in texts.get(g) or strings.get(g, [])) or "—",
+            "raw piece": ", ".join(_tok(x, raw=True) for x in strings.get(g, [])) or "—",
             "tokens (top-k membership)": (s.get("counts") or {}).get("topk", {}).get(g) if s.get("counts") else None,
             "membership share (top-k)": (s.get("membership") or {}).get("topk", {}).get(g),
             "discovery status": gev.get("status", "configured" if source == "configured" else ""),
@@ -88,8 +91,10 @@ def section_anchors(inp: ReportInputs) -> list:
     nw = inp.nearest_words
     if nw is not None and not nw.empty:
         top = nw.head(15).copy()
-        if "token_string" in top:
-            top["token_string"] = top["token_string"].map(_tok)
+        if "token_string" in top:  # the decoded text first, the raw piece beside it
+            text = top.pop("token_text") if "token_text" in top else top["token_string"]
+            top["token_string"] = top["token_string"].map(lambda x: _tok(x, raw=True))
+            top.insert(1, "token_text", text.map(_tok))
         out.append(md("**Most frequent nearest words of h[0]** (the vocabulary ids that win the most visual tokens):"))
         out.append(table(top, percent=[c for c in ("share_top1", "share_topk") if c in top]))
     elif "nearest_words" in inp.missing:

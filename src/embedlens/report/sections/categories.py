@@ -11,6 +11,7 @@ import pandas as pd
 
 from ..display import GROUPS, LABEL_COLOURS, LABELS, REFERENCE_ALIVE_SHARE, _figure, _pct, _tok, callout, md, table
 from ..inputs import ReportInputs
+from .provenance import MODE_TEXT, run_mode
 
 
 def section_category_shares(inp: ReportInputs) -> list:
@@ -53,7 +54,7 @@ def section_category_shares(inp: ReportInputs) -> list:
     n_tok = s.get("n_tokens", len(inp.categories) if inp.categories is not None else "?")
     ax.set_title(f"{inp.model} × {inp.dataset}: {n_tok} "
                  f"visual tokens of {s.get('n_images', '?')} images", fontsize=10)
-    out: list = [md(ref_txt), fig]
+    out: list = [*_mode_header(inp), md(ref_txt), fig]
 
     counts = s.get("counts") or {}
     tab = pd.DataFrame({
@@ -88,6 +89,41 @@ def section_category_shares(inp: ReportInputs) -> list:
     return out
 
 
+def _mode_header(inp: ReportInputs) -> list:
+    """Which mode produced the shares; for the paper's model, whether they are comparable
+    with its ≈ 60 % (the reference searched every row and padded images to a square)."""
+    m = run_mode(inp)
+    mode = m["mode"] or "ours (not recorded)"
+    what = []
+    if m["n_excluded"] is not None:
+        what.append("every vocabulary row searched" if m["n_excluded"] == 0
+                    else f"{m['n_excluded']} special/added vocabulary rows excluded")
+    if m["preprocess"]:
+        what.append("images padded to a square" if m["preprocess"] == "pad_square"
+                    else "images as the processor prepares them (native)")
+    if m["similarity_dtype"]:
+        what.append(f"similarity in {m['similarity_dtype']}")
+    out: list = [md(f"Produced in **{mode}** mode ({MODE_TEXT.get(m['mode'], MODE_TEXT['ours'])}): "
+                    + ", ".join(what) + ".")]
+    c = m["check"]
+    if c:
+        out.append(md(f"Similarity in float16 changes {_pct(c['label_flip_share'])} of the labels (top-k rule; "
+                      f"{_pct(c['label_top1_flip_share'])} top-1 rule) and {_pct(c['topk_ids_change_share'])} of "
+                      "the top-k neighbour lists against float32 (the labels below are float16's)."))
+    why = []
+    if inp.is_reference and not m["reference_exact"]:
+        if m["n_excluded"]:
+            why.append(f"{m['n_excluded']} special/added rows were excluded from the search (the paper's code "
+                       "searched every row)")
+        if m["preprocess"] not in ("pad_square", None):
+            why.append("images were not padded to a square (llava-hf's processor center-crops; the paper's code "
+                       "padded with the mean colour, which on a 4:3 image makes a quarter of the 576 tokens padding)")
+    if why:
+        out.append(callout("These shares are **not directly comparable** with the paper's ≈ 60 %: " + "; ".join(why)
+                           + ". Set `mode: reference` on this model to reproduce the paper's setting.", kind="note"))
+    return out
+
+
 # --------------------------------------------------------------------------- maps
 def _sample_image_ids(inp: ReportInputs, n: int) -> list[str]:
     ids = list(dict.fromkeys(inp.categories["image_id"].astype(str))) if inp.categories is not None else []
@@ -109,6 +145,19 @@ def _image_file(inp: ReportInputs, image_id: str) -> Path | None:
     return None
 
 
+def _open_as_seen(inp: ReportInputs, path: Path):
+    """The image file as the model saw its extent: padded to a square (mid grey) when the
+    states were extracted with ``preprocess: pad_square``, so the patch grid lands right."""
+    from PIL import Image
+
+    img = Image.open(path).convert("RGB")
+    if run_mode(inp)["preprocess"] == "pad_square":
+        from embedlens.models.preprocess import pad_to_square
+
+        img = pad_to_square(img, (127, 127, 127))
+    return img
+
+
 def _label_grid(sub: pd.DataFrame) -> tuple[np.ndarray, int, int]:
     """(R, C) array of label indices (-1 = no token) for one image's tokens."""
     R = int(sub["grid_rows"].max())
@@ -128,7 +177,6 @@ def section_category_maps(inp: ReportInputs, n_images: int = 4) -> list:
         return [callout(f"category maps: {inp.why('categorize')}")]
     from matplotlib.colors import to_rgba
     from matplotlib.patches import Patch
-    from PIL import Image
 
     ids = _sample_image_ids(inp, n_images)
     if not ids:
@@ -144,7 +192,7 @@ def section_category_maps(inp: ReportInputs, n_images: int = 4) -> list:
         grid, R, C = _label_grid(sub)
         f = _image_file(inp, iid)
         if f is not None:
-            img = Image.open(f).convert("RGB")
+            img = _open_as_seen(inp, f)
             W, H = img.size
             ax.imshow(np.asarray(img), extent=(0, W, H, 0))
         else:
@@ -167,8 +215,9 @@ def section_category_maps(inp: ReportInputs, n_images: int = 4) -> list:
     fig.legend(handles=[Patch(color=LABEL_COLOURS[lab], label=lab) for lab in LABELS], loc="outside right upper",
                ncol=1, fontsize=9, title="category\n(top-k rule)", title_fontsize=9)
     out = [md(f"Each visual token's category drawn over its patch for {len(ids)} sample image(s) (evenly spaced "
-              "over the data set). The patch grid is stretched over the whole image: a processor that crops or "
-              "pads (e.g. CLIP's centre crop) shifts the true patch positions for non-square images."), fig]
+              "over the data set). The patch grid is stretched over the whole image (padded to a square first when "
+              "the states were extracted with `preprocess: pad_square`): a processor that crops (e.g. CLIP's "
+              "centre crop) shifts the true patch positions for non-square images."), fig]
     if notes:
         out.append(callout(f"image files not found for {', '.join(notes)} ({inp.why('dataset')}): "
                            "the grid is drawn without the image"))

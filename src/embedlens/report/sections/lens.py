@@ -8,7 +8,7 @@ import pandas as pd
 
 from ..display import LABEL_COLOURS, _figure, _layer_name, _tok, callout, md, table
 from ..inputs import ReportInputs
-from .categories import _image_file, _sample_image_ids
+from .categories import _image_file, _open_as_seen, _sample_image_ids
 
 
 def _pick_patches(inp: ReportInputs, lens_image_ids: list[str], n: int) -> list[dict]:
@@ -51,7 +51,7 @@ def section_nearest_words(inp: ReportInputs, n_patches: int = 4, k: int = 3, n_i
     picks = _pick_patches(inp, order, n_patches)
     if not picks:
         return [callout("nearest words by layer: no categorized patch of the lens' images")]
-    strings = inp.vocab_strings
+    strings = inp.vocab_texts if inp.vocab_texts is not None else inp.vocab_strings  # decoded for reading
     layers = [int(x) for x in lens["layer"].values]
     kk = min(k, int(lens.sizes.get("k", k)))
     out: list = [md(f"Top-{kk} vocabulary neighbours of {len(picks)} sample patch(es) at every stored layer, by the "
@@ -78,7 +78,6 @@ def section_nearest_words(inp: ReportInputs, n_patches: int = 4, k: int = 3, n_i
         out.append(callout("logit lens: not computed (no LM head was given to the lens step)"))
     # where the patches are
     from matplotlib.patches import Rectangle
-    from PIL import Image
 
     imgs = list(dict.fromkeys(p["image_id"] for p in picks))
     fig, axes = _figure(3.2 * len(imgs) + 0.3, 3.4, 1, len(imgs))
@@ -87,7 +86,7 @@ def section_nearest_words(inp: ReportInputs, n_patches: int = 4, k: int = 3, n_i
         sel = [(j, p) for j, p in enumerate(picks) if p["image_id"] == iid]
         R, C = sel[0][1]["R"], sel[0][1]["C"]
         if f is not None:
-            img = Image.open(f).convert("RGB")
+            img = _open_as_seen(inp, f)
             W, H = img.size
             ax.imshow(np.asarray(img), extent=(0, W, H, 0))
         else:

@@ -49,8 +49,9 @@ def collect_methods_notes(inp: ReportInputs) -> pd.DataFrame:
                              "(the reference deletes every visual token in that case)."})
     if inp.categories is not None:
         rows.append({"tag": "ours", "procedure": "category_map_overlay", "source": "report",
-                     "text": "Category maps stretch the model's patch grid over the whole image; processors that "
-                             "crop or pad shift the true positions."})
+                     "text": "Category maps stretch the model's patch grid over the whole image (padded to a "
+                             "square first under preprocess: pad_square); processors that crop shift the true "
+                             "positions."})
     df = pd.DataFrame(rows, columns=["tag", "procedure", "source", "text"])
     return df.drop_duplicates(["tag", "procedure", "text"])
 

@@ -48,13 +48,67 @@ def section_header(inp: ReportInputs) -> list:
     return out
 
 
+#: What each mode means, as the report states it (embedlens.config.MODE_SETTINGS).
+MODE_TEXT = {
+    "ours": "this project's settings",
+    "reference": "the paper's released LLaVA-1.5 code: every vocabulary row searched, images padded to a square",
+    "reference-float16": "the paper's released LLaVA-1.5 code, with the similarity in float16",
+}
+
+
+def run_mode(inp: ReportInputs) -> dict[str, Any]:
+    """Which mode produced the numbers and what it did: ``mode`` (the categorize summary's
+    ``settings``; None when not recorded), ``preprocess`` (the store's extraction settings,
+    else the categorize summary's; a store without it is "native"), ``n_excluded``
+    (vocabulary rows left out of the search; None when unknown), ``similarity_dtype``,
+    ``check`` (float16 vs float32 shares, or None) and ``reference_exact`` (every row
+    searched and images padded to a square, as the released code)."""
+    s = inp.cat_summary or {}
+    settings = s.get("settings") or {}
+    store = inp.hidden_attrs.get("settings")
+    if isinstance(store, dict):
+        preprocess = store.get("preprocess", "native")
+    else:
+        preprocess = s.get("preprocess") or ("native" if inp.hidden_attrs else None)
+    excluded = s.get("excluded_ids")
+    n_excluded = None if excluded is None else len(excluded)
+    return {"mode": settings.get("mode"), "preprocess": preprocess, "n_excluded": n_excluded,
+            "similarity_dtype": settings.get("similarity_dtype", "float32" if s else None),
+            "check": s.get("similarity_check"),
+            "reference_exact": n_excluded == 0 and preprocess == "pad_square"}
+
+
+def mode_rows(inp: ReportInputs) -> list[tuple[str, Any]]:
+    """Provenance rows: the mode, the image preprocessing, the vocabulary rows searched and
+    the similarity dtype the numbers were produced with."""
+    m = run_mode(inp)
+    pre = {"native": "native: the model's processor as it is (llava-hf's LLaVA-1.5 center-crops)",
+           "pad_square": "pad_square: padded to a square with the image processor's mean colour (LLaVA-1.5's "
+                         "expand2square)"}.get(m["preprocess"], m["preprocess"])
+    rows: list[tuple[str, Any]] = [
+        ("mode", f"{m['mode']}: {MODE_TEXT.get(m['mode'], '')}" if m["mode"] else "not recorded (outputs "
+         "written before modes existed: this project's settings)"),
+        ("image preprocessing", pre),
+        ("vocabulary rows searched", None if m["n_excluded"] is None else (
+            "all (as the reference code)" if m["n_excluded"] == 0 else
+            f"all but {m['n_excluded']} excluded (special/added tokens or configured ids)")),
+        ("EmbedLens similarity dtype", m["similarity_dtype"]),
+    ]
+    if m["check"]:
+        c = m["check"]
+        rows.append(("float16 vs float32", f"{100 * c['label_flip_share']:.2f} % of labels and "
+                                           f"{100 * c['topk_ids_change_share']:.2f} % of top-k id lists differ"))
+    return rows
+
+
 def _settings_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def section_provenance(inp: ReportInputs) -> list:
-    """Section "Provenance": model, revision, data set, extraction settings, software
-    versions, config and analysis-settings hashes, step timings and skipped images."""
+    """Section "Provenance": model, revision, data set, the mode that produced the numbers
+    (:func:`mode_rows`), extraction settings, software versions, config and
+    analysis-settings hashes, step timings and skipped images."""
     out: list = []
     a = inp.hidden_attrs
     import embedlens
@@ -70,6 +124,7 @@ def section_provenance(inp: ReportInputs) -> list:
         ("image token id", a.get("model_image_token_id")),
         ("final norm applied to the last hidden state", final_norm_flag(SimpleNamespace(attrs=a))),
         ("data set", inp.dataset),
+        *mode_rows(inp),
     ]
     dm = inp.dataset_meta
     if dm:
