@@ -184,6 +184,8 @@ def choose_best_layers(
     df["is_best"] = False
     best: dict[str, dict[str, Any]] = {}
     for (vmode, gname), sub in df.groupby(["visual", "group"], sort=False):
+        if not (sub["n_tokens"] > 0).any():
+            continue  # an empty group: its rows (n_tokens 0) say so; no best layer
         layers = np.array(sorted(int(l) for l in sub["layer"].unique()))
         nn = sub[sub["measure"] == "nn_accuracy"]
         tasks = list(dict.fromkeys(nn["task"]))
