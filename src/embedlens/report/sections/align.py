@@ -133,9 +133,6 @@ def section_alignment(inp: ReportInputs) -> list:
                       "best layer). Tasks whose majority share reaches `max_majority_share` "
                       f"({(summ.get('settings') or {}).get('max_majority_share', '—')}) are excluded:"))
         out.append(table(_best_table(best), precision=3))
-    if fn_layer is not None:
-        out.append(md(f"The final-norm point: layer {fn_layer} (= num_layers) carries the final norm, so it is "
-                      "marked (shaded) and left out of the argmax."))
     if summ.get("centring"):
         out.append(md(f"Centring: {summ['centring']}."))
     for n in summ.get("notes", []) or []:
