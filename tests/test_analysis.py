@@ -725,6 +725,67 @@ def test_align_finds_planted_layer(tmp_path):
     assert s2["results"]["best_layer"]["h0/all"]["criterion"] == "mean_max_cos"
 
 
+def test_align_excludes_near_constant_task_and_final_norm_point(tmp_path):
+    """A 2-word task with a 90 % majority and perfect accuracy at layer 0 wins the plain
+    mean-accuracy argmax; the normalized criterion excludes it (listed) and finds the real
+    task's layer 2. Layer 3 = num_layers (final norm) aligns best of all but is left out."""
+    rng = np.random.default_rng(3)
+    n_img, T, d = 20, 16, 48
+    names, bg_names = ["red", "green", "blue", "yellow"], ["sky", "ground"]
+    colour = rng.integers(0, 4, size=(n_img, 4, 4))
+    bg = (rng.random((n_img, 4, 4)) < 0.1).astype(np.int64)  # ~90 % "sky"
+    basis = unit_rows(48, d, seed=1) * 3  # orthogonal directions: no accidental overlap
+    C = {0: basis[0:4], 1: basis[4:8],
+         2: basis[12:16] + 0.9 * np.roll(basis[12:16], 1, 0),
+         3: basis[12:16]}  # colour words per layer: 3 exactly, 2 blurred with a neighbour
+    B = basis[16:18]  # the background words at layer 0; swapped at every later layer
+    h = rng.standard_normal((n_img, 1, T, d)).astype(np.float32) * 0.3
+    h[:, 0] += C[3][colour.reshape(n_img, T)] + B[bg.reshape(n_img, T)]
+    store = make_store(h, layers=[0], rows=4, cols=4,
+                       attrs={"num_layers": 3, "final_norm_applied_to_last_layer": True})
+    cat = token_index(store)
+    cat["label"] = "alive"
+    words = np.stack([np.stack([C[l][i] for l in range(4)]) for i in range(4)]
+                     + [np.stack([B[i] if l == 0 else B[1 - i] for l in range(4)]) for i in range(2)])
+    positions = np.concatenate([np.repeat(words, 3, axis=0),
+                                rng.standard_normal((30, 4, d)).astype(np.float32) * 0.1])
+    ts = TextStates([0, 1, 2, 3], positions, [("colour", n) for n in names] + [("background", n) for n in bg_names],
+                    words.astype(np.float32))
+    labels = PatchLabels({"colour": names, "background": bg_names}, {"colour": colour, "background": bg},
+                         [f"img{i:03d}" for i in range(n_img)])
+    s = align(store, cat, ts, labels, tmp_path, visual=("h0",), groups=("all",), n_bootstrap=100,
+              progress=False)
+    df = pd.read_parquet(tmp_path / "align.parquet")
+    nn = df[df["measure"] == "nn_accuracy"].set_index(["task", "layer"])
+    # the plain mean accuracy over tasks (the old criterion) peaks at layer 0, on the constant task
+    assert nn["value"].groupby("layer").mean().idxmax() == 0
+    assert nn.loc[("background", 0), "value"] > 0.95 and nn.loc[("background", 0), "majority_share"] > 0.85
+    assert nn.loc[("colour", 0), "chance"] == 0.25  # the uniform chance stays
+    maj = nn.loc[("colour", 2), "majority_share"]
+    assert nn.loc[("colour", 2), "normalized_accuracy"] == pytest.approx(
+        (nn.loc[("colour", 2), "value"] - maj) / (1 - maj))
+    b = s["results"]["best_layer"]["h0/all"]
+    assert b["layer"] == 2 and b["criterion"] == "normalized_nn_accuracy"
+    assert [e["task"] for e in b["excluded_tasks"]] == ["background"] and b["included_tasks"] == ["colour"]
+    assert b["excluded_tasks"][0]["majority_share"] == pytest.approx(nn.loc[("background", 0), "majority_share"])
+    assert "majority share" in b["excluded_tasks"][0]["reason"]
+    lo, hi = b["layer_ci"]
+    assert lo <= 2 <= hi and hi <= 2  # layer 3 is never chosen, not even in a bootstrap draw
+    vlo, vhi = b["value_ci"]
+    assert vlo <= b["value"] <= vhi and b["n_images"] == n_img
+    assert b["value_at_layer0"] < 0.2
+    # the final-norm point: marked, the best of all on the criterion, and left out of the argmax
+    assert df.loc[df["final_norm_point"], "layer"].eq(3).all() and df["final_norm_point"].any()
+    assert not df.loc[df["layer"] != 3, "final_norm_point"].any()
+    assert nn.loc[("colour", 3), "normalized_accuracy"] > nn.loc[("colour", 2), "normalized_accuracy"]
+    assert s["results"]["final_norm_layer"] == 3 and any("final-norm point" in n for n in s["notes"])
+    # a threshold above the constant task's share lets it back in
+    s2 = align(store, cat, ts, labels, tmp_path / "all_in", visual=("h0",), groups=("all",), n_bootstrap=0,
+               max_majority_share=0.99, progress=False)
+    b2 = s2["results"]["best_layer"]["h0/all"]
+    assert b2["excluded_tasks"] == [] and b2["layer_ci"] is None
+
+
 def _tiny_llm():
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -785,3 +846,27 @@ def test_config_sections_map_onto_the_analysis_functions():
     assert set(kw) - {"model_anchors"} <= set(inspect.signature(discover_model_anchors).parameters)
     with pytest.raises(KeyError, match="probe.nonsense"):
         config_kwargs("probe", {"nonsense": 1})
+
+
+def test_best_layer_criterion_floors_below_majority_tasks_at_zero():
+    """An imbalanced task answering worse than its majority word (normalized accuracy
+    (0.25 - 0.75) / 0.25 = -2) counts as no skill, so it cannot pull the argmax away from
+    the layer where a balanced task is perfect."""
+    from embedlens.analysis.align_best import _norm_acc_draws, normalized_accuracy
+
+    w = np.ones((1, 4))  # one draw, four images, one token each
+    # imbalanced task: labels 0,0,0,1 (majority 0.75); layer 0 answers the majority (3 right),
+    # layer 1 answers the minority (1 right)
+    lab = np.zeros((2, 4, 2))
+    lab[:, [0, 1, 2], 0] = 1
+    lab[:, 3, 1] = 1
+    correct = np.array([[1, 1, 1, 0], [0, 0, 0, 1]], float)
+    assert normalized_accuracy(0.25, 0.75) == pytest.approx(-2.0)
+    np.testing.assert_allclose(_norm_acc_draws(w, correct, lab), [[0.0, 0.0]])
+    # a balanced task perfect at layer 1, chance at layer 0: with the floor layer 1 wins
+    lab_b = np.zeros((2, 4, 2))
+    lab_b[:, [0, 1], 0] = 1
+    lab_b[:, [2, 3], 1] = 1
+    good = _norm_acc_draws(w, np.array([[1, 0, 1, 0], [1, 1, 1, 1]], float), lab_b)
+    mean = (good + _norm_acc_draws(w, correct, lab)) / 2
+    assert int(np.argmax(mean[0])) == 1

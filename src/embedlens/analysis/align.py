@@ -31,8 +31,12 @@ layer (all groups, so groups stay comparable), text states by the mean over all 
 text-token states. This removes the large constant offsets (e.g. massive-activation
 dimensions) that otherwise dominate cosines. CKA centres its features by definition.
 
-Best-aligned layer per (visual, group): argmax over l of the mean ``nn_accuracy`` over
-tasks, else (no labels) of ``mean_max_cos``.
+Best-aligned layer per (visual, group) (:mod:`.align_best`): argmax over l of the mean
+*normalized* ``nn_accuracy`` (``(acc - majority) / (1 - majority)``) over the tasks that
+are not near-constant (majority share < ``max_majority_share``, ≥ 2 label values; the
+others are listed as excluded), else of ``mean_max_cos``; layer L (the final-norm point)
+is marked and left out of the argmax; an image-level bootstrap gives intervals of the best
+layer and of the criterion value.
 """
 
 from __future__ import annotations
@@ -51,6 +55,14 @@ import torch
 from embedlens.runtime import progress_bar, resolve_device
 from embedlens.store import layer_values
 
+from .align_best import (
+    choose_best_layers,
+    final_norm_layer,
+    majority_share,
+    normalized_accuracy,
+    per_image_label_counts,
+    per_image_sum,
+)
 from .labels import PatchLabels, grid_unknown_tokens
 from .outputs import note, step_reader, step_summary, write_json, write_parquet
 from .probe import _gather_features, resolve_groups
@@ -312,6 +324,8 @@ def align(
     centring: str = "mean",
     max_tokens: int | None = 20000,
     cka_max_tokens: int = 2000,
+    max_majority_share: float = 0.8,
+    n_bootstrap: int = 200,
     seed: int = 0,
     device: str = "auto",
     max_block_bytes: int = 256 * 2**20,
@@ -333,12 +347,22 @@ def align(
     groups, tasks : as in :func:`.probe.probe`;
     centring : ``"mean"`` (default; see module doc) or ``"none"``;
     max_tokens : uniform (seeded) sample of visual tokens; cka_max_tokens : CKA subsample;
+    max_majority_share : a task whose majority label share among the evaluated tokens of a
+        (visual, group) is ≥ this (or with < 2 label values present) is left out of the
+        best-layer criterion and listed in ``excluded_tasks``;
+    n_bootstrap : image-level bootstrap draws for the best layer's intervals (0 = none);
     seed, device, max_block_bytes : reproducibility and compute knobs.
     mode : the model's ``mode`` in config.yaml, recorded in ``settings``.
 
     ``align.parquet`` columns: ``visual``, ``group``, ``layer``, ``measure``
     (``mean_max_cos`` | ``nn_accuracy`` | ``cka``), ``task`` (null for mean_max_cos),
-    ``value``, ``chance``, ``n_tokens``, ``is_best``.
+    ``value``, ``chance`` (uniform: 1 / words), ``majority_share`` and
+    ``normalized_accuracy`` (nn_accuracy rows; NaN otherwise), ``n_tokens``,
+    ``final_norm_point`` (layer = num_layers, whose state carries the final norm),
+    ``is_best``. ``summary["results"]["best_layer"]["<visual>/<group>"]``: ``layer``,
+    ``criterion``, ``value``, ``value_ci``, ``layer_ci``, ``layer_share``, ``n_images``,
+    ``n_bootstrap``, ``value_at_layer0``, ``included_tasks``, ``excluded_tasks``,
+    ``fallback`` (see :func:`.align_best.choose_best_layers`).
 
     Raises
     ------
@@ -374,6 +398,9 @@ def align(
         sample = np.sort(rng.choice(sample, size=int(max_tokens), replace=False))
     pos_of = {str(x): i for i, x in enumerate(hidden["image_id"].values)}
     img_pos = np.array([pos_of[str(x)] for x in cat["image_id"].to_numpy()[sample]], dtype=np.int64)
+    # images are the bootstrap's resampling unit (tokens of one image are not independent)
+    img_idx = np.unique(img_pos, return_inverse=True)[1].astype(np.int64)
+    n_images = int(img_idx.max()) + 1 if img_idx.size else 0
     tok = cat["token"].to_numpy(np.int64)[sample]
     glab = cat["label"].to_numpy()[sample]
     tl = {t: v[sample] for t, v in labels.for_table(cat).items() if t in task_names} if has_labels else {}
@@ -388,7 +415,11 @@ def align(
         raise ValueError("visual='h0' needs layer 0 in the store")
     word_sets = {t: text_states.task_words(t, labels.tasks[t]) for t in task_names}
 
+    final_norm = final_norm_layer(hidden, notes)
     rows: list[dict[str, Any]] = []
+    # per-image aggregates for the best-layer criterion and its bootstrap (align_best)
+    nn_counts: dict[tuple[str, str, str, int], tuple[np.ndarray, np.ndarray]] = {}
+    cos_counts: dict[tuple[str, str, int], tuple[np.ndarray, np.ndarray]] = {}
     feats_cache: dict[int, np.ndarray] = {}
 
     def visual_feats(l: int) -> np.ndarray:
@@ -415,6 +446,8 @@ def align(
         maxcos = max_cos(X, Tc, device=device)
         for gname, members in groups.items():
             gm = np.ones(len(sample), bool) if members is None else np.isin(glab, members)
+            cos_counts[(vmode, gname, l)] = (per_image_sum(img_idx[gm], maxcos[gm], n_images),
+                                             per_image_sum(img_idx[gm], np.ones(int(gm.sum())), n_images))
             rows.append({"visual": vmode, "group": gname, "layer": l, "measure": "mean_max_cos",
                          "task": None, "value": float(maxcos[gm].mean()) if gm.any() else np.nan,
                          "chance": np.nan, "n_tokens": int(gm.sum())})
@@ -425,41 +458,40 @@ def align(
                 m = gm & (y >= 0)
                 m[m] &= ok_w[y[m]]
                 n = int(m.sum())
+                maj = majority_share(y[m])
                 if n == 0 or ok_w.sum() < 2:
                     for meas in ("nn_accuracy", "cka"):
                         rows.append({"visual": vmode, "group": gname, "layer": l, "measure": meas,
-                                     "task": t, "value": np.nan, "chance": np.nan, "n_tokens": n})
+                                     "task": t, "value": np.nan, "chance": np.nan, "n_tokens": n,
+                                     "majority_share": maj if meas == "nn_accuracy" else np.nan})
                     continue
                 Wc = _unit(np.where(ok_w[:, None], W - tmean, 0.0))
                 sims = _unit(X[m].astype(np.float64)) @ Wc.T
                 sims[:, ~ok_w] = -np.inf
-                acc = float((sims.argmax(1) == y[m]).mean())
+                correct = sims.argmax(1) == y[m]
+                acc = float(correct.mean())
+                nn_counts[(vmode, gname, t, l)] = (
+                    per_image_sum(img_idx[m], correct, n_images),
+                    per_image_label_counts(img_idx[m], y[m], n_images, W.shape[0]))
                 rows.append({"visual": vmode, "group": gname, "layer": l, "measure": "nn_accuracy",
-                             "task": t, "value": acc, "chance": 1.0 / ok_w.sum(), "n_tokens": n})
+                             "task": t, "value": acc, "chance": 1.0 / ok_w.sum(), "n_tokens": n,
+                             "majority_share": maj, "normalized_accuracy": normalized_accuracy(acc, maj)})
                 sel = np.flatnonzero(m)
                 if sel.size > cka_max_tokens:
                     sel = np.sort(cka_rng.choice(sel, size=cka_max_tokens, replace=False))
                 cka = linear_cka(X[sel], W[y[sel]]) if sel.size >= 3 else np.nan
                 rows.append({"visual": vmode, "group": gname, "layer": l, "measure": "cka",
                              "task": t, "value": cka, "chance": np.nan, "n_tokens": int(sel.size)})
-    df = pd.DataFrame(rows, columns=["visual", "group", "layer", "measure", "task", "value", "chance", "n_tokens"])
-    df["is_best"] = False
-    best: dict[str, Any] = {}
-    for (vmode, gname), sub in df.groupby(["visual", "group"]):
-        acc = sub[sub["measure"] == "nn_accuracy"].groupby("layer")["value"].mean()
-        crit = "nn_accuracy"
-        if acc.isna().all() or acc.empty:
-            acc = sub[sub["measure"] == "mean_max_cos"].groupby("layer")["value"].mean()
-            crit = "mean_max_cos"
-        if acc.isna().all() or acc.empty:
-            continue
-        bl = int(acc.idxmax())
-        best[f"{vmode}/{gname}"] = {"layer": bl, "criterion": crit, "value": float(acc.max()),
-                                    "value_at_layer0": float(acc.get(0, np.nan))}
-        df.loc[(df["visual"] == vmode) & (df["group"] == gname) & (df["layer"] == bl), "is_best"] = True
+    df = pd.DataFrame(rows, columns=["visual", "group", "layer", "measure", "task", "value", "chance",
+                                     "majority_share", "normalized_accuracy", "n_tokens"])
+    df["final_norm_point"] = df["layer"] == final_norm if final_norm is not None else False
+    best = choose_best_layers(df, nn_counts, cos_counts, n_images=n_images, final_norm=final_norm,
+                              max_majority_share=max_majority_share, n_bootstrap=n_bootstrap,
+                              seed=seed, notes=notes)
     summary = {
         "status": "ok", "model": model, "dataset": dataset,
         "best_layer": best,
+        "final_norm_layer": final_norm,
         "centring": ("each side centred by its own mean before cosines: visual features by the mean over "
                      "all sampled visual tokens of that feature layer; text by the mean over all layer-l "
                      "text-token states (same for every layer)") if centring == "mean" else
@@ -468,6 +500,7 @@ def align(
                  "layers": text_states.layers},
         "tasks": task_names, "groups": {k: (None if v is None else list(v)) for k, v in groups.items()},
         "settings": {"visual": list(visual), "max_tokens": max_tokens, "cka_max_tokens": cka_max_tokens,
+                     "max_majority_share": max_majority_share, "n_bootstrap": n_bootstrap,
                      "seed": seed, "layers": text_layers, "centring": centring, "mode": mode},
         "n_tokens_used": int(len(sample)),
         "grid_unknown": grid_unknown,
@@ -475,8 +508,12 @@ def align(
         "methods_notes": [note("ours", "layer_alignment", (
             "Reference text states from label-word prompts plus a generic word list run through the "
             "LLM; measures per layer: mean max-cosine (both sides mean-centred), nearest-label-word "
-            "accuracy, linear CKA with the label words' states; best layer = argmax of mean "
-            "nn_accuracy over tasks (else mean_max_cos)."))],
+            "accuracy, linear CKA with the label words' states; best layer = argmax of the mean "
+            "normalized nn_accuracy ((acc - majority share) / (1 - majority share), floored at 0) over the tasks that are "
+            f"not near-constant (majority share < {max_majority_share}, >= 2 label values; the others listed "
+            "as excluded), else of mean_max_cos, leaving out the final-norm point (layer = num_layers); "
+            f"2.5/97.5 percentile intervals of the layer and value from {n_bootstrap} image-level bootstrap "
+            "draws."))],
         "seconds": time.perf_counter() - t0,
         "files": dict(OUTPUT_FILES),
     }

@@ -139,7 +139,8 @@ def summary_anchors(rows: Sequence[Mapping[str, Any]]) -> list:
 
 
 def summary_alignment(rows: Sequence[Mapping[str, Any]]) -> list:
-    """Section "Best-aligned layer": the text layer h[0] aligns best with, per pair."""
+    """Section "Best-aligned layer": the text layer h[0] aligns best with, per pair, with
+    its image-level bootstrap interval and the tasks left out of the criterion."""
     t = []
     for r in rows:
         best = (r.get("align") or {}).get("best_layer") or {}
@@ -147,15 +148,25 @@ def summary_alignment(rows: Sequence[Mapping[str, Any]]) -> list:
             continue
         pick = best.get("h0/alive") or best.get("h0/all")
         which = "h0/alive" if "h0/alive" in best else "h0/all"
-        t.append({"report": _link(r), "tokens": which.split("/")[1], "best layer (h[0] vs text l)":
-                  pick.get("layer") if pick else "", "criterion": (pick or {}).get("criterion", ""),
-                  "value": f"{pick['value']:.3f}" if pick and pick.get("value") is not None else "",
-                  "at layer 0": (f"{pick['value_at_layer0']:.3f}"
-                                 if pick and pick.get("value_at_layer0") is not None else "")})
+        p = pick or {}
+        lci, vci = p.get("layer_ci"), p.get("value_ci")
+        t.append({"report": _link(r), "tokens": which.split("/")[1],
+                  "best layer (h[0] vs text l)": p.get("layer", ""),
+                  "layer 95% CI": f"[{lci[0]}, {lci[1]}]" if lci else "",
+                  "criterion": p.get("criterion", ""),
+                  "value": f"{p['value']:.3f}" if p.get("value") is not None else "",
+                  "value 95% CI": f"[{vci[0]:.3f}, {vci[1]:.3f}]" if vci else "",
+                  "at layer 0": f"{p['value_at_layer0']:.3f}" if p.get("value_at_layer0") is not None else "",
+                  "excluded tasks": ", ".join(f"{e['task']} ({e['majority_share']:.2f})"
+                                              if e.get("majority_share") is not None else e["task"]
+                                              for e in p.get("excluded_tasks") or []) or "—"})
     if not t:
         return [callout("best-aligned layer: no alignment output for any pair")]
-    return [md("Best-aligned text layer of the alive visual tokens' h[0] [ours] (argmax of the nearest-label-word "
-               "accuracy, else of the mean max cosine)."), _html_table(pd.DataFrame(t), raw=["report"])]
+    return [md("Best-aligned text layer of the alive visual tokens' h[0] [ours]: argmax of the mean normalized "
+               "nearest-label-word accuracy ((accuracy − majority share) / (1 − majority share)) over the tasks "
+               "that are not near-constant (excluded tasks with their majority shares), else of the mean max "
+               "cosine; the final-norm layer is not a candidate; 95% intervals from an image-level bootstrap."),
+            _html_table(pd.DataFrame(t), raw=["report"])]
 
 
 def summary_compression(rows: Sequence[Mapping[str, Any]]) -> list:
