@@ -470,8 +470,12 @@ def test_intervals_valid_at_0_and_1_and_cluster_aware():
     assert effective_n(np.array([5, 5, 5, 5]), np.array([10, 10, 10, 10]))[0] == 40
     # images all right or all wrong: about one independent unit per image
     assert effective_n(np.array([10, 10, 10, 0, 0]), np.array([10] * 5))[0] <= 5
-    # accuracy 1: not estimable, the images are the units (Kish: n² / Σ n_i²)
-    assert effective_n(np.array([10, 30]), np.array([10, 30]))[0] == pytest.approx(40**2 / (100 + 900))
+    # accuracy 1 or a single image: not estimable, n_eff = n (Korn & Graubard)
+    assert effective_n(np.array([10, 30]), np.array([10, 30])) == (40, 1.0)
+    assert effective_n(np.array([3]), np.array([10])) == (10, 1.0)
+    # clustered errors: fewer effective tokens than tokens, never fewer than 1
+    n_eff, deff = effective_n(np.array([10, 9, 2, 10]), np.array([10, 10, 10, 10]))
+    assert 1 <= n_eff < 40 and deff == pytest.approx(40 / n_eff)
     both = np.ones((30, 2), bool)  # both perfect: the difference 0 still gets an interval
     lo, hi = newcombe_paired_difference(1.0, wilson_interval(1.0, 30), 1.0, wilson_interval(1.0, 30), both)
     assert lo < 0 < hi
@@ -487,8 +491,9 @@ def test_perfect_probe_has_an_interval_below_one(tmp_path):
     r = pd.read_parquet(tmp_path / "probe.parquet").iloc[0]
     assert r["status"] == "ok" and r["accuracy"] == 1.0
     assert r["accuracy_ci_low"] < 1.0 and r["accuracy_ci_high"] == 1.0
-    # no between-image variance to estimate at 1.0: the 7 test images are the units
-    assert r["accuracy_n_eff"] == pytest.approx(r["n_test_images"], rel=0.05)
+    # no between-image variance to estimate at 1.0: the tokens count (Korn & Graubard)
+    assert r["accuracy_n_eff"] == r["n_test"]
+    assert r["accuracy_ci_low"] == pytest.approx(r["n_test"] / (r["n_test"] + 1.959964**2))
     assert r["macro_f1_ci_low"] < r["macro_f1"] == 1.0
     assert r["selectivity_ci_low"] < r["selectivity"] < r["selectivity_ci_high"]
 

@@ -6,12 +6,14 @@ its background, its layout), so no interval here treats them as independent draw
 * **accuracy**: Wilson score interval on an *effective* number of tokens
   ``n_eff = n / deff`` (:func:`wilson_interval`, :func:`effective_n`). The design effect
   ``deff`` is the ratio of the cluster (ratio-estimator) variance of the accuracy over
-  the test images to its binomial variance, bounded to [1, n]. At accuracy 0 or 1 the
-  between-image variance is unobservable; the images are then taken as the independent
-  units (Kish's effective number of images ``n² / Σ n_i²``, i.e. intraclass correlation 1,
-  the conservative end). Chosen over Clopper–Pearson because it is not over-conservative
-  in the interior and over the percentile bootstrap because that collapses to [1, 1]
-  when every test image is perfect.
+  the test images to its binomial variance, bounded to [1, n]: the effective sample size
+  of Korn & Graubard (1998), as in the NCHS standards for proportions. At accuracy 0 or 1
+  (or with one test image) the between-image variance is not estimable and ``n_eff = n``
+  (their rule; it is also the limit the estimate reaches with one error, where a single
+  wrong token cannot show clustering, so the interval changes continuously at the
+  boundary). Wilson rather than Clopper–Pearson: not over-conservative in the interior,
+  near-identical at 0 and 1; rather than the percentile bootstrap, which collapses to
+  [1, 1] when every test image is perfect.
 * **selectivity** (accuracy − control accuracy on the same tokens): Newcombe's paired
   hybrid score interval (Newcombe 1998, method 10) from the two Wilson intervals above and
   the token-level correlation φ of "probe right" and "control right"
@@ -75,16 +77,15 @@ def wilson_interval(p: float, n: float, ci: float = 0.95) -> tuple[float, float]
 
 
 def effective_n(correct: np.ndarray, counts: np.ndarray) -> tuple[float, float]:
-    """Effective number of independent tokens of an accuracy clustered by image.
+    """Effective number of independent tokens of an accuracy clustered by image
+    (Korn & Graubard 1998).
 
     ``correct``, ``counts``: (n_images,) right predictions and tokens per test image.
-    Returns ``(n_eff, deff)`` with ``deff`` = cluster variance of the pooled accuracy
-    (ratio estimator, images drawn with replacement: m/(m−1) Σ (k_i − p n_i)² / n²) over
-    its binomial variance p(1−p)/n, bounded to [1, n]. Not estimable (accuracy 0 or 1,
-    or a single image): ``deff = Σ n_i² / n``, the value at intraclass correlation 1, so
-    ``n_eff`` is Kish's effective number of images (= the number of images when they are
-    equally large). A consequence, stated: an accuracy of exactly 1 gets a wider interval
-    than one of 1 − 1/n, whose single error shows no clustering at all.
+    Returns ``(n_eff, deff)``, ``n_eff = n / deff``, with ``deff`` = cluster variance of the
+    pooled accuracy p (ratio estimator, images drawn with replacement:
+    m/(m−1) Σ (k_i − p n_i)² / n²) over its binomial variance p(1−p)/n, bounded to [1, n]
+    (a design effect below 1 is not credited). Not estimable (p = 0 or 1, or a single
+    image): ``deff = 1``, ``n_eff = n``. ``(0, nan)`` without tokens.
     """
     k = np.asarray(correct, dtype=np.float64)
     ni = np.asarray(counts, dtype=np.float64)
@@ -94,11 +95,9 @@ def effective_n(correct: np.ndarray, counts: np.ndarray) -> tuple[float, float]:
         return 0.0, float("nan")
     p = float(k.sum()) / n
     if m < 2 or p <= 0 or p >= 1:
-        deff = float((ni ** 2).sum()) / n
-    else:
-        v_cluster = m / (m - 1) * float(((k - p * ni) ** 2).sum()) / n**2
-        deff = v_cluster / (p * (1 - p) / n)
-    deff = float(np.clip(deff, 1.0, n))
+        return n, 1.0
+    v_cluster = m / (m - 1) * float(((k - p * ni) ** 2).sum()) / n**2
+    deff = float(np.clip(v_cluster / (p * (1 - p) / n), 1.0, n))
     return n / deff, deff
 
 

@@ -573,8 +573,8 @@ def probe(
             note("deviation", "probe_intervals",
                  f"{ci:.0%} intervals valid at 0 and 1, where an image-level percentile bootstrap "
                  "collapses: accuracy gets a Wilson score interval on n_eff = n / deff test tokens "
-                 "(deff: between-image over binomial variance, in [1, n]; at accuracy 0 or 1 the "
-                 "images are the units); selectivity Newcombe's paired interval; macro-F1 an "
+                 "(Korn & Graubard: deff = between-image over binomial variance, in [1, n]; 1 at "
+                 "accuracy 0 or 1); selectivity Newcombe's paired interval; macro-F1 an "
                  f"image-level bootstrap ({n_bootstrap} draws) widened to the accuracy's half-widths."),
             note("deviation", "control_task",
                  "Control task per Hewitt & Liang: each token type (" + control_type + ") gets a random "
