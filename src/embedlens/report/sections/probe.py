@@ -122,7 +122,10 @@ def section_probe(inp: ReportInputs) -> list:
                            "the token at h[0]? hit@k with two chance levels (uniform draw from the vocabulary; the "
                            "token's own neighbours against a label drawn from the group's label distribution).",
                            kind="ours"))
-        out.append(table(hh, percent=["hit_rate", "chance_uniform", "chance_label_prior"]))
+        if "chance_uniform" in hh:
+            # a uniform draw from ~10⁴–10⁵ ids is far below 0.1 %: two significant digits, not "0.0 %"
+            hh = hh.assign(chance_uniform=[f"{100 * v:.2g} %" if pd.notna(v) else "" for v in hh["chance_uniform"]])
+        out.append(table(hh, percent=["hit_rate", "chance_label_prior"]))
     for n in (inp.probe_summary or {}).get("notes", []) or []:
         out.append(md(f"Note: {n}"))
     return out
