@@ -75,6 +75,7 @@ rule compute_lens:
 rule probe_tokens:
     input:
         hidden="results/hidden/{model}/{dataset}/hidden.json",
+        vocab="results/hidden/{model}/vocab.zarr",
         categories="results/analysis/{model}/{dataset}/categorize",
         dataset="results/datasets/{dataset}",
     output:
@@ -86,8 +87,8 @@ rule probe_tokens:
     conda:
         "../envs/analyze.yaml"
     shell:
-        "embedlens probe --hidden {input.hidden} --categories {input.categories} "
-        "--dataset-dir {input.dataset} --settings {params.settings:q} "
+        "embedlens probe --hidden {input.hidden} --vocab {input.vocab} "
+        "--categories {input.categories} --dataset-dir {input.dataset} --settings {params.settings:q} "
         "--model-name {wildcards.model} --dataset-name {wildcards.dataset} "
         "--out {output} > {log} 2>&1"
 

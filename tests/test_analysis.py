@@ -630,6 +630,95 @@ def test_probe_finds_encoded_label_by_layer_with_controls(tmp_path):
     assert hit.loc[("alive", 2), "chance_label_prior"] > 0
 
 
+def test_intervals_valid_at_0_and_1_and_cluster_aware():
+    from embedlens.analysis.intervals import effective_n, newcombe_paired_difference, wilson_interval
+
+    assert wilson_interval(0.5, 100) == pytest.approx((0.4038, 0.5962), abs=1e-4)  # textbook value
+    lo, hi = wilson_interval(1.0, 20)
+    assert hi == 1.0 and lo == pytest.approx(20 / (20 + 1.959964**2))
+    assert wilson_interval(0.0, 20)[0] == 0.0 and wilson_interval(0.0, 20)[1] > 0
+    # every image at the pooled accuracy: no clustering, n_eff = n
+    assert effective_n(np.array([5, 5, 5, 5]), np.array([10, 10, 10, 10]))[0] == 40
+    # images all right or all wrong: about one independent unit per image
+    assert effective_n(np.array([10, 10, 10, 0, 0]), np.array([10] * 5))[0] <= 5
+    # accuracy 1 or a single image: not estimable, n_eff = n (Korn & Graubard)
+    assert effective_n(np.array([10, 30]), np.array([10, 30])) == (40, 1.0)
+    assert effective_n(np.array([3]), np.array([10])) == (10, 1.0)
+    # clustered errors: fewer effective tokens than tokens, never fewer than 1
+    n_eff, deff = effective_n(np.array([10, 9, 2, 10]), np.array([10, 10, 10, 10]))
+    assert 1 <= n_eff < 40 and deff == pytest.approx(40 / n_eff)
+    both = np.ones((30, 2), bool)  # both perfect: the difference 0 still gets an interval
+    lo, hi = newcombe_paired_difference(1.0, wilson_interval(1.0, 30), 1.0, wilson_interval(1.0, 30), both)
+    assert lo < 0 < hi
+
+
+def test_perfect_probe_has_an_interval_below_one(tmp_path):
+    """h1 separates the colours perfectly on every test image: accuracy 1.0 whose interval
+    still reaches below 1 (an image-level percentile bootstrap gave [1, 1]); macro-F1 and
+    the paired selectivity interval are not zero-width either."""
+    store, cat, labels = _probe_store()
+    probe(store, cat, labels, tmp_path, layers=[1], include_vision=False, groups=["all"], n_bootstrap=50,
+          progress=False, seed=1)
+    r = pd.read_parquet(tmp_path / "probe.parquet").iloc[0]
+    assert r["status"] == "ok" and r["accuracy"] == 1.0
+    assert r["accuracy_ci_low"] < 1.0 and r["accuracy_ci_high"] == 1.0
+    # no between-image variance to estimate at 1.0: the tokens count (Korn & Graubard)
+    assert r["accuracy_n_eff"] == r["n_test"]
+    assert r["accuracy_ci_low"] == pytest.approx(r["n_test"] / (r["n_test"] + 1.959964**2))
+    assert r["macro_f1_ci_low"] < r["macro_f1"] == 1.0
+    assert r["selectivity_ci_low"] < r["selectivity"] < r["selectivity_ci_high"]
+
+
+def test_single_class_test_split_is_not_evaluable(tmp_path):
+    """A task whose test images all carry one class is not scored: a constant predictor
+    would be perfect on it and its selectivity meaningless."""
+    store, cat, labels = _probe_store()
+    cheap = dict(layers=[1], include_vision=False, groups=["all"], progress=False, seed=1)
+    split = probe(store, cat, labels, tmp_path / "split", n_bootstrap=0, **cheap)["results"]["split"]
+    test = np.isin(labels.image_ids, split["test_images"])
+    assert 0 < test.sum() < len(test)
+    bg = np.zeros_like(labels.grids["colour"])
+    bg[~test] = np.arange((~test).sum())[:, None, None] % 2  # train images: both classes
+    two = PatchLabels({"colour": labels.tasks["colour"], "background": ["dark", "light"]},
+                      {"colour": labels.grids["colour"], "background": bg}, labels.image_ids)
+    probe(store, cat, two, tmp_path / "probe", n_bootstrap=20, **cheap)
+    df = pd.read_parquet(tmp_path / "probe" / "probe.parquet").set_index("task")
+    r = df.loc["background"]
+    assert r["status"] == "not_evaluable" and r["n_classes"] == 2
+    assert "one class ('dark')" in r["reason"]
+    assert np.isnan(r["accuracy"]) and np.isnan(r["selectivity"]) and np.isnan(r["selectivity_ci_low"])
+    assert df.loc["colour", "status"] == "ok" and pd.isna(df.loc["colour", "reason"])
+
+
+def test_any_hit_k_recomputes_neighbours_before_fitting(tmp_path, monkeypatch):
+    """hit_k other than categorize's k (3 here) recomputes the h[0] neighbours with the
+    vocabulary, with the uniform chance; without a vocabulary it fails before any probe
+    is fitted."""
+    import importlib
+
+    probe_module = importlib.import_module("embedlens.analysis.probe")  # the module, not the function
+    store, cat, labels = _probe_store()
+    rng = np.random.default_rng(0)
+    words = ["<s>", "▁red", "green", "Blue"] + [f"w{i}" for i in range(16)]
+    voc = Vocab(rng.standard_normal((len(words), 12)).astype(np.float32), words,
+                np.array([True] + [False] * (len(words) - 1)))
+    cheap = dict(layers=[1], include_vision=False, groups=["all"], n_bootstrap=0, progress=False, seed=1)
+    s = probe(store, cat, labels, tmp_path / "k5", hit_k=5, vocab=voc, **cheap)
+    hit = pd.read_parquet(tmp_path / "k5" / "hitk.parquet")
+    assert sorted(hit["k"]) == [1, 2, 3, 4, 5]
+    assert np.isfinite(hit["chance_uniform"]).all() and (hit["n_label_words_in_vocab"] == 3).all()
+    # 3 label words among 19 candidates (<s> excluded): P(one given word in a uniform top-5)
+    assert hit.set_index("k").loc[5, "chance_uniform"] == pytest.approx(5 / 19)
+    assert any("recomputed with k=5" in n for n in s["notes"])
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("a probe was fitted before hit_k was checked")
+
+    monkeypatch.setattr(probe_module, "_fit_eval", no_fit)
+    with pytest.raises(ValueError, match="hit_k=5 differs from the k=3 stored.*vocabulary store"):
+        probe(store, cat, labels, tmp_path / "novocab", hit_k=5, **cheap)
+
+
 def test_tokens_without_a_grid_are_left_out_and_counted(tmp_path):
     """Images whose patch grid is unknown (grid 0 x 0, patches -1 in the store) get no
     patch label: the probe leaves their tokens out and its summary counts them."""

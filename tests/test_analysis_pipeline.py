@@ -43,6 +43,7 @@ def setup(tmp_path_factory):
     adapter = VLMAdapter.load(str(model), dtype="float32", device="cpu")
     write_vocab(root / "vocab.zarr", adapter.embedding_matrix().numpy(), adapter.token_strings(),
                 adapter.special_token_ids(), {})
+    (root / "hidden.json").write_text(json.dumps({"shards": [str(s) for s in shards]}))
     return {"root": root, "data": data, "model": model, "hidden": open_hidden(shards),
             "vocab": open_vocab(root / "vocab.zarr"), "adapter": adapter}
 
@@ -133,3 +134,28 @@ def test_probe_and_align_run_end_to_end(setup, tmp_path):
     key = ts.word_keys.index(("_generic", "dog"))
     ids = adapter.tokenizer("a dog", add_special_tokens=True)["input_ids"]
     np.testing.assert_allclose(ts.words[key, 0], E[ids[-1]], atol=1e-5)
+
+
+def test_probe_step_gives_hit_k_chance_with_the_vocabulary(setup, tmp_path):
+    """The workflow path (``embedlens probe --vocab`` → ``probe_step``) passes the
+    vocabulary store: hit@k's uniform chance is computed in every row, with the
+    exclusions categorize recorded, and a hit_k other than categorize's works."""
+    from embedlens.analysis.steps import probe_step
+    from embedlens.cli import main
+
+    root = setup["root"]
+    categorize(setup["hidden"], setup["vocab"], tmp_path / "cat", labels=read_patch_labels(setup["data"]),
+               progress=False)
+    settings = {"layers": [1], "include_vision": False, "groups": ["all"], "tasks": ["colour"],
+                "n_bootstrap": 0, "max_iter": 50}
+    s = probe_step(root / "hidden.json", tmp_path / "cat", setup["data"], tmp_path / "k4",
+                   {**settings, "hit_k": 4}, vocab=root / "vocab.zarr", progress=False)
+    hit = pd.read_parquet(tmp_path / "k4" / "hitk.parquet")
+    assert sorted(hit["k"]) == [1, 2, 3, 4] and np.isfinite(hit["chance_uniform"]).all()
+    excluded = json.loads((tmp_path / "cat" / "summary.json").read_text())["results"]["excluded_ids"]
+    assert s["results"]["hitk_vocabulary"]["n_excluded"] == len(excluded) > 0
+    assert main(["probe", "--hidden", str(root / "hidden.json"), "--vocab", str(root / "vocab.zarr"),
+                 "--categories", str(tmp_path / "cat"), "--dataset-dir", str(setup["data"]),
+                 "--settings", json.dumps(settings), "--out", str(tmp_path / "cli")]) == 0
+    hit = pd.read_parquet(tmp_path / "cli" / "hitk.parquet")
+    assert sorted(hit["k"]) == [1, 2, 3] and np.isfinite(hit["chance_uniform"]).all()

@@ -270,6 +270,33 @@ def test_sections_with_no_inputs_explain_instead_of_failing():
         assert fn(rows)
 
 
+def test_probe_section_lists_not_evaluable_probes_apart():
+    """Probes whose test split has one class are counted apart from the untrained ones,
+    listed with their reason, and left out of the curves."""
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+    inp = report.load_inputs("some-model", "some-data")
+    row = {"accuracy": 0.9, "accuracy_ci_low": 0.8, "accuracy_ci_high": 0.95, "majority_accuracy": 0.4,
+           "selectivity": 0.5, "selectivity_ci_low": 0.3, "selectivity_ci_high": 0.6, "n_tokens": 100}
+    reason = "one class ('dark') among the 40 test tokens of 3 image(s)"
+    inp.probe = pd.DataFrame(
+        [{"feature": f, "layer": i, "task": "colour", "group": "all", "status": "ok", "reason": None, **row}
+         for i, f in ((0, "h0"), (4, "h4"))]
+        + [{"feature": f, "layer": i, "task": "background", "group": "all", "status": "not_evaluable",
+            "reason": reason, "n_tokens": 100} for i, f in ((0, "h0"), (4, "h4"))]
+        + [{"feature": "h0", "layer": 0, "task": "colour", "group": "dead", "status": "too_few_tokens",
+            "reason": "3 training tokens (min_tokens 20), 2 test tokens (min_test_tokens 10)", "n_tokens": 5}])
+    items = report.section_probe(inp)
+    figs = [x for x in items if isinstance(x, Figure)]
+    assert len(figs) == 1 and len(figs[0].axes[0].lines) == 2  # colour only: accuracy + majority
+    text = "".join(x._repr_html_() if hasattr(x, "_repr_html_") else str(getattr(x, "data", ""))
+                   for x in items if not isinstance(x, Figure))
+    assert "1 of 5 probes were not trained" in text and "2 were not evaluable" in text
+    assert "Not evaluable" in text and "h[0], h[4]" in text and "one class (&#39;dark&#39;)" in text
+    assert "Wilson" in text and "Newcombe" in text
+
+
 def test_reference_line_and_configured_anchors(labelled_outputs):
     params = {k: v for k, v in labelled_outputs.items() if k not in ("model", "dataset")}
     inp = report.load_inputs("llava-1.5-7b", "synthetic", **params)

@@ -148,7 +148,7 @@ def cmd_probe(args) -> int:
     from .analysis.steps import probe_step
 
     s = probe_step(args.hidden, args.categories, args.dataset_dir, args.out, args.settings,
-                   model=args.model_name, dataset=args.dataset_name)
+                   vocab=args.vocab, model=args.model_name, dataset=args.dataset_name)
     print(f"{args.out}: {s['status']}")
     return 0
 
@@ -289,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = analysis_parser("probe", "probing classifiers and the hit@k check (methods.md 2)")
     s.add_argument("--categories", required=True, help="the categorize output directory")
+    s.add_argument("--vocab", default=None, help="vocabulary store (hit@k's uniform chance; any hit_k)")
     s.set_defaults(func=cmd_probe)
 
     s = analysis_parser("align", "layer alignment with text states (methods.md 3)")

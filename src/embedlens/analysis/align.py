@@ -65,7 +65,7 @@ from .align_best import (
 )
 from .labels import PatchLabels, grid_unknown_tokens
 from .outputs import note, step_reader, step_summary, write_json, write_parquet
-from .probe import _gather_features, resolve_groups
+from .features import gather_features, resolve_groups
 from .reference import check_mode
 from .vocab import VocabIndex
 
@@ -426,7 +426,7 @@ def align(
         if l not in feats_cache:
             for key in [key for key in feats_cache if key != 0]:  # keep h[0] and one more
                 del feats_cache[key]
-            x = _gather_features(hidden, "llm", l, img_pos, tok,
+            x = gather_features(hidden, "llm", l, img_pos, tok,
                                  max_block_bytes=max_block_bytes).astype(np.float64)
             if centring == "mean":
                 x -= x.mean(0)  # centred by the mean over all sampled visual tokens

@@ -6,10 +6,15 @@ subset), each label task and each token group (all, alive, dead, sink):
 * multinomial logistic regression (sklearn, lbfgs) on standardized features (optional PCA),
   trained on a split **by image** (no image on both sides; one split shared by every layer,
   task and group, from ``seed``);
-* accuracy and macro-F1 on the test images with a percentile bootstrap CI that resamples
-  *test images* (tokens of one image are not independent);
+* accuracy on the test images with a Wilson score interval on the effective number of
+  test tokens (image-level design effect), macro-F1 with an image-level percentile
+  bootstrap widened to at least the accuracy's half-widths (``intervals``: valid at 0 and
+  1; tokens of one image are not independent). **Deviation, stated:** methods.md asks for
+  a bootstrap CI; a percentile bootstrap over images collapses to [1, 1] when every test
+  image is perfect;
 * majority baseline (most frequent training label);
-* control task (Hewitt & Liang 2019) and selectivity = accuracy − control accuracy.
+* control task (Hewitt & Liang 2019) and selectivity = accuracy − control accuracy, with
+  Newcombe's paired score interval (same test tokens, same effective sizes).
   **Deviation, stated:** methods.md says "labels shuffled consistently per label value";
   taken literally (a fixed relabelling of each label value) the control task is a
   relabelling of the real one and selectivity would be ≈ 0 by construction. We follow H&L:
@@ -17,7 +22,10 @@ subset), each label task and each token group (all, alive, dead, sink):
   distribution, consistently for every occurrence of the type; the type is the token's
   patch position (``control_type="position"``, default) or its EmbedLens top-1 id
   (``"top1_id"``). A probe that only memorizes types scores the control accuracy.
-* groups with too few tokens / images / classes get a row with ``status`` saying so.
+* groups with too few tokens / images / training classes get a row with ``status`` saying
+  so (``too_few_tokens``, ``too_few_images``, ``single_class``); a test split with one class
+  is ``not_evaluable`` (not fitted: its accuracy would score one class only, and its
+  selectivity is meaningless); ``reason`` says why for every row not ``ok``.
 
 Patch-compression check **[ours]**: hit@k = share of labelled tokens whose label word
 (colour name, shape name, character) is among the top-k EmbedLens neighbours of the token
@@ -44,9 +52,20 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from embedlens.runtime import image_blocks, progress_bar
+from embedlens.runtime import progress_bar
 from embedlens.store import layer_values, valid_mask
 
+from .features import GROUP_DEFS, gather_features, resolve_groups  # noqa: F401 - re-exported
+from .intervals import (
+    bootstrap_f1_ci,
+    bootstrap_weights,
+    confusion,
+    effective_n,
+    metrics_from_confusion,
+    newcombe_paired_difference,
+    widen,
+    wilson_interval,
+)
 from .labels import PatchLabels, grid_unknown_tokens
 from .outputs import note, step_reader, step_summary, write_json, write_parquet
 from .reference import check_mode
@@ -54,17 +73,10 @@ from .vocab import load_vocab, normalize_word
 
 OUTPUT_FILES = {"probe": "probe.parquet", "hitk": "hitk.parquet", "summary": "summary.json"}
 
-GROUP_DEFS: dict[str, tuple[str, ...] | None] = {
-    "all": None,
-    "alive": ("alive",),
-    "dead": ("dead",),
-    "sink": ("vit_sink", "llm_sink"),
-}
-
 PROBE_COLUMNS = [
-    "feature", "layer", "task", "group", "status", "n_tokens", "n_train", "n_test",
+    "feature", "layer", "task", "group", "status", "reason", "n_tokens", "n_train", "n_test",
     "n_train_images", "n_test_images", "n_classes", "accuracy", "accuracy_ci_low",
-    "accuracy_ci_high", "macro_f1", "macro_f1_ci_low", "macro_f1_ci_high",
+    "accuracy_ci_high", "accuracy_n_eff", "macro_f1", "macro_f1_ci_low", "macro_f1_ci_high",
     "majority_accuracy", "majority_macro_f1", "control_accuracy", "control_macro_f1",
     "selectivity", "selectivity_ci_low", "selectivity_ci_high", "converged", "seed",
 ]
@@ -74,64 +86,7 @@ HITK_COLUMNS = [
 ]
 
 
-def resolve_groups(groups: Mapping[str, Sequence[str] | None] | Sequence[str] | None) -> dict[str, tuple[str, ...] | None]:
-    """Token groups: ``None`` → all four defaults; a list of names from ``GROUP_DEFS``;
-    or a mapping name → category labels (``None`` = every token)."""
-    if groups is None:
-        return dict(GROUP_DEFS)
-    if isinstance(groups, Mapping):
-        return {str(k): (None if v is None else tuple(v)) for k, v in groups.items()}
-    unknown = [g for g in groups if g not in GROUP_DEFS]
-    if unknown:
-        raise ValueError(f"unknown token groups {unknown}; expected some of {list(GROUP_DEFS)}")
-    return {g: GROUP_DEFS[g] for g in groups}
-
-
-# --------------------------------------------------------------------------- metrics
-def confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
-    c = np.zeros((n_classes, n_classes), dtype=np.int64)
-    np.add.at(c, (y_true, y_pred), 1)
-    return c
-
-
-def metrics_from_confusion(c: np.ndarray) -> tuple[float, float]:
-    """(accuracy, macro-F1) from a confusion matrix (rows = truth). Macro-F1 averages
-    over the classes present in truth or prediction (sklearn's default)."""
-    c = np.asarray(c, dtype=np.float64)
-    total = c.sum(axis=(-2, -1))
-    tp = np.diagonal(c, axis1=-2, axis2=-1)
-    rows = c.sum(axis=-1)
-    cols = c.sum(axis=-2)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        acc = tp.sum(axis=-1) / total
-        denom = rows + cols
-        f1 = np.where(denom > 0, 2 * tp / np.where(denom > 0, denom, 1), 0.0)
-        present = (denom > 0).sum(axis=-1)
-        mf1 = f1.sum(axis=-1) / present
-    return acc, mf1
-
-
-def bootstrap_weights(n_images: int, n_boot: int, rng: np.random.Generator) -> np.ndarray:
-    """(n_boot, n_images) multiplicities of an image-level bootstrap (resampling images
-    with replacement)."""
-    if n_boot <= 0 or n_images == 0:
-        return np.zeros((0, n_images), dtype=np.int64)
-    return rng.multinomial(n_images, np.full(n_images, 1.0 / n_images), size=n_boot)
-
-
-def bootstrap_ci(per_image: np.ndarray, weights: np.ndarray, ci: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Percentile CI of (accuracy, macro-F1) from per-image confusion matrices
-    (n_img, C, C) and bootstrap ``weights`` (B, n_img). Returns (acc_lo_hi, f1_lo_hi,
-    per-draw accuracies)."""
-    if weights.shape[0] == 0:
-        nan2 = np.array([np.nan, np.nan])
-        return nan2, nan2, np.zeros(0)
-    cb = np.tensordot(weights, per_image, axes=(1, 0))  # (B, C, C)
-    acc, f1 = metrics_from_confusion(cb)
-    q = [100 * (1 - ci) / 2, 100 * (1 + ci) / 2]
-    return np.nanpercentile(acc, q), np.nanpercentile(f1, q), acc
-
-
+# --------------------------------------------------------------------------- control task
 def control_labels(types: np.ndarray, labels: np.ndarray, n_classes: int, rng: np.random.Generator) -> np.ndarray:
     """Hewitt & Liang control task: each distinct type gets a label drawn from the
     empirical distribution of ``labels``; every token of a type gets its type's label."""
@@ -162,41 +117,6 @@ def _fit_eval(xtr, ytr, xte, *, C, max_iter, pca_components, seed):
         clf.fit(xtr, ytr)
     converged = bool(np.all(np.asarray(clf.n_iter_) < max_iter))
     return clf.predict(xte), converged
-
-
-# --------------------------------------------------------------------------- features
-def _gather_features(hidden, feature: str, layer: int | None, rows_img: np.ndarray,
-                     rows_tok: np.ndarray, *, vision_layer=None, vision_map=None,
-                     max_block_bytes: int = 256 * 2**20) -> np.ndarray:
-    """(n_rows, d) float32 features for (image position, token) rows; NaN rows where the
-    feature is unavailable (vision tokens not 1:1)."""
-    n_img = hidden.sizes["image"]
-    if feature == "vision":
-        var = hidden["vision_hidden"]
-        vt_dim = [d for d in var.dims if d not in ("image", "vision_layer")][0]
-        d = var.shape[-1]
-        per_image = hidden.sizes[vt_dim] * d * np.dtype(var.dtype).itemsize
-    else:
-        var = hidden["llm_hidden"]
-        d = hidden.sizes["dim"]
-        per_image = hidden.sizes["token"] * d * np.dtype(var.dtype).itemsize
-    out = np.full((rows_img.size, d), np.nan, dtype=np.float32)
-    order = np.argsort(rows_img, kind="stable")
-    si = rows_img[order]
-    for i0, i1 in image_blocks(n_img, per_image, max_block_bytes):
-        a, b = np.searchsorted(si, [i0, i1])
-        if a == b:
-            continue
-        idx = order[a:b]
-        if feature == "vision":
-            arr = np.asarray(var.isel(image=slice(i0, i1)).sel(vision_layer=vision_layer).values)
-            j = vision_map[rows_img[idx], rows_tok[idx]]
-            ok = j >= 0
-            out[idx[ok]] = arr[rows_img[idx[ok]] - i0, j[ok]]
-        else:
-            arr = np.asarray(var.isel(image=slice(i0, i1)).sel(layer=layer).transpose("image", "token", "dim").values)
-            out[idx] = arr[rows_img[idx] - i0, rows_tok[idx]]
-    return out
 
 
 # --------------------------------------------------------------------------- hit@k
@@ -273,16 +193,14 @@ def hit_at_k(categories: pd.DataFrame, token_labels: Mapping[str, np.ndarray],
     return pd.DataFrame(rows, columns=HITK_COLUMNS)
 
 
-def _with_neighbours(cat: pd.DataFrame, hidden, vocab, k: int, exclude_ids, img_pos, tok, *,
+def _with_neighbours(cat: pd.DataFrame, hidden, voc, k: int, exclude_ids, img_pos, tok, *,
                      max_block_bytes: int) -> pd.DataFrame:
-    """``cat`` with ``top{r}_token`` recomputed for r = 1..k (h[0], EmbedLens search)."""
+    """``cat`` with ``top{r}_token`` recomputed for r = 1..k (h[0], EmbedLens search over
+    the loaded vocabulary ``voc``)."""
     from .vocab import VocabIndex, excluded_ids
 
-    if vocab is None:
-        raise ValueError("probe: hit_k differs from the k stored in categories; pass vocab to recompute")
-    voc = load_vocab(vocab)
     excl = (excluded_ids(voc) if exclude_ids is None else np.asarray(sorted(set(map(int, exclude_ids)))))
-    x = _gather_features(hidden, "llm", 0, img_pos, tok, max_block_bytes=max_block_bytes)
+    x = gather_features(hidden, "llm", 0, img_pos, tok, max_block_bytes=max_block_bytes)
     ids, _ = VocabIndex(voc.embedding, exclude=excl).search(x, k)
     out = cat.drop(columns=[c for c in cat.columns if re.fullmatch(r"top\d+_(token|text|id|sim)", c)])
     arr = np.asarray(voc.strings + [""], dtype=object)
@@ -290,6 +208,36 @@ def _with_neighbours(cat: pd.DataFrame, hidden, vocab, k: int, exclude_ids, img_
         out[f"top{r + 1}_id"] = ids[:, r]
         out[f"top{r + 1}_token"] = arr[ids[:, r]]
     return out
+
+
+# --------------------------------------------------------------------------- scoring
+def _status(row: Mapping[str, Any], split_ok: bool, min_tokens: int, min_test_tokens: int,
+            test_classes: np.ndarray, names: Sequence[str]) -> tuple[str, str | None]:
+    """(status, reason) of a probe row before fitting; ("ok", None) when it is scored."""
+    if not split_ok:
+        return "too_few_images", "fewer than 2 labelled images: no split by image"
+    if row["n_train"] < min_tokens or row["n_test"] < min_test_tokens:
+        return "too_few_tokens", (f"{row['n_train']} training tokens (min_tokens {min_tokens}), "
+                                  f"{row['n_test']} test tokens (min_test_tokens {min_test_tokens})")
+    if row["n_classes"] < 2:
+        return "single_class", "one class among the training tokens: nothing to learn"
+    if test_classes.size < 2:
+        # accuracy would score one class only: a constant predictor is perfect, and the
+        # selectivity compares two single-class scores
+        return "not_evaluable", (f"one class ({names[int(test_classes[0])]!r}) among the {row['n_test']} "
+                                 f"test tokens of {row['n_test_images']} image(s)")
+    return "ok", None
+
+
+def _scored(y: np.ndarray, pred: np.ndarray, inv: np.ndarray, n_img: int, ncls: int, ci: float):
+    """(accuracy, macro-F1, accuracy Wilson CI on n_eff, n_eff, per-image confusion
+    (n_img, C, C)) of test predictions; ``inv``: each token's test-image index."""
+    per_img = np.zeros((n_img, ncls, ncls), dtype=np.int64)
+    np.add.at(per_img, (inv, y, pred), 1)
+    acc, mf1 = metrics_from_confusion(per_img.sum(0))
+    n_eff, _ = effective_n(np.bincount(inv, weights=(pred == y), minlength=n_img),
+                           np.bincount(inv, minlength=n_img))
+    return float(acc), float(mf1), wilson_interval(float(acc), n_eff, ci), float(n_eff), per_img
 
 
 # --------------------------------------------------------------------------- main
@@ -351,11 +299,14 @@ def probe(
     max_tokens : cap on labelled tokens used (uniform sample, seeded) – the speed knob.
     pca_components : optional PCA after standardization (fit on train).
     C, max_iter : logistic regression (L2, lbfgs).
-    n_bootstrap, ci : image-level percentile bootstrap.
-    min_tokens, min_test_tokens : fewer training / test tokens → ``status="too_few_tokens"``.
+    n_bootstrap, ci : image-level percentile bootstrap draws (macro-F1) and the level of every
+        interval (accuracy: Wilson on the effective test size; selectivity: Newcombe paired;
+        see ``embedlens.analysis.intervals``).
+    min_tokens, min_test_tokens : fewer training / test tokens → ``status="too_few_tokens"``;
+        one class among the test tokens → ``status="not_evaluable"`` (not fitted).
     control_type : ``"position"`` or ``"top1_id"`` (see module doc).
-    hit_k : largest k of the hit@k check (default: the k stored in ``categories``); a larger
-        k recomputes the h[0] neighbours of the labelled tokens (needs ``vocab``).
+    hit_k : largest k of the hit@k check (default: the k stored in ``categories``); any other
+        k recomputes the h[0] neighbours with ``vocab`` before any probe is fitted.
     vocab, exclude_ids : vocabulary store and excluded ids, for hit@k's uniform chance and a
         recomputation (default exclusions: those recorded by categorize when ``categories``
         is a path, else the vocabulary's special rows). mode : the model's ``mode`` in
@@ -366,7 +317,8 @@ def probe(
     ValueError
         ``tasks`` not among the data set's label tasks; an unknown ``control_type`` or token
         group; ``layers`` not in the store; categories that do not match the store (images or
-        tokens missing); ``hit_k`` other than the stored k without ``vocab``; an unknown ``mode``.
+        tokens missing); ``hit_k`` other than the stored k without ``vocab`` (raised before
+        any probe is fitted); an unknown ``mode``.
     """
     t0 = time.perf_counter()
     out = Path(out_dir)
@@ -378,11 +330,19 @@ def probe(
         p = Path(categories)
         cat_path = p / "categories.parquet" if p.is_dir() else p
         if exclude_ids is None and (cat_path.parent / "summary.json").exists():
-            import json
+            from .outputs import read_summary
 
-            summary = json.loads((cat_path.parent / "summary.json").read_text())  # the one summary shape
-            exclude_ids = (summary.get("results") or summary).get("excluded_ids")
+            exclude_ids = read_summary(cat_path.parent, "categorize")["results"].get("excluded_ids")
         categories = pd.read_parquet(cat_path)
+    # hit@k with another k than categorize stored needs the vocabulary: say so before fitting
+    k_stored = sum(1 for c in categories.columns if re.fullmatch(r"top\d+_token", c))
+    recompute_k = hit_k is not None and int(hit_k) != k_stored
+    if recompute_k and vocab is None:
+        raise ValueError(f"probe: hit_k={hit_k} differs from the k={k_stored} stored in the categories "
+                         "table; pass the vocabulary store (probe(vocab=...), `embedlens probe --vocab "
+                         "results/hidden/<model>/vocab.zarr`) to recompute the h[0] neighbours, or leave "
+                         "probe.hit_k unset in config.yaml")
+    voc = load_vocab(vocab) if vocab is not None else None
     groups = resolve_groups(groups)
     task_names = list(labels.tasks) if not tasks else [t for t in tasks]
     unknown = [t for t in task_names if t not in labels.tasks]
@@ -453,11 +413,22 @@ def probe(
         raise ValueError(f"probe layers {missing} not in the store (layers {all_layers})")
     feats += [(f"h{l}", l) for l in use_layers]
 
+    # hit@k neighbours first: a recomputation that cannot work must not wait for the probes
+    if exclude_ids is None and voc is not None:
+        from .vocab import excluded_ids
+
+        exclude_ids = excluded_ids(voc).tolist()
+    hit_cat = cat
+    if recompute_k:
+        hit_cat = _with_neighbours(cat, hidden, voc, int(hit_k), exclude_ids, img_pos, tok,
+                                   max_block_bytes=max_block_bytes)
+        notes.append(f"hit@k: h[0] neighbours recomputed with k={hit_k} (categories hold k={k_stored})")
+
     rows: list[dict[str, Any]] = []
     n_fits = len(feats) * len(task_names) * len(groups)
     bar = progress_bar(total=n_fits, enabled=progress, desc="probe", unit="probe")
     for fname, layer in feats:
-        X = _gather_features(hidden, "vision" if fname == "vision" else "llm", layer, img_pos[labelled],
+        X = gather_features(hidden, "vision" if fname == "vision" else "llm", layer, img_pos[labelled],
                              tok[labelled], vision_layer=vl, vision_map=vmap,
                              max_block_bytes=max_block_bytes)
         has_x = np.isfinite(X).all(axis=1)
@@ -477,52 +448,38 @@ def probe(
                     "n_test_images": int(len(np.unique(s_img_id[te]))),
                     "n_classes": int(len(np.unique(y_all[tr]))), "seed": seed,
                 }
-                status = "ok"
-                if not split_ok:
-                    status = "too_few_images"
-                elif tr.sum() < min_tokens or te.sum() < min_test_tokens:
-                    status = "too_few_tokens"
-                elif row["n_classes"] < 2:
-                    status = "single_class"
-                row["status"] = status
-                if status != "ok":
+                row["status"], row["reason"] = _status(row, split_ok, min_tokens, min_test_tokens,
+                                                       np.unique(y_all[te]), labels.tasks[t])
+                if row["status"] != "ok":
                     rows.append(row)
                     continue
                 ytr, yte = y_all[tr], y_all[te]
                 pred, conv = _fit_eval(X[tr], ytr, X[te], C=C, max_iter=max_iter,
                                        pca_components=pca_components, seed=seed)
-                img_te = s_img_id[te]
-                uimg, inv = np.unique(img_te, return_inverse=True)
-                per_img = np.zeros((uimg.size, ncls, ncls), dtype=np.int64)
-                np.add.at(per_img, (inv, yte, pred), 1)
-                acc, mf1 = metrics_from_confusion(per_img.sum(0))
+                uimg, inv = np.unique(s_img_id[te], return_inverse=True)
+                acc, mf1, acc_ci, n_eff, per_img = _scored(yte, pred, inv, uimg.size, ncls, ci)
                 w = bootstrap_weights(uimg.size, n_bootstrap, np.random.default_rng([seed, 3]))
-                (alo, ahi), (flo, fhi), acc_b = bootstrap_ci(per_img, w, ci)
+                f1_ci = widen(mf1, bootstrap_f1_ci(per_img, w, ci), acc - acc_ci[0], acc_ci[1] - acc)
                 maj = np.bincount(ytr, minlength=ncls).argmax()
                 macc, mmf1 = metrics_from_confusion(confusion(yte, np.full_like(yte, maj), ncls))
-                # control task, same probe, same split
-                cy = ctrl[t]
-                ctr, cte = cy[tr], cy[te]
+                # control task, same probe, same split, same test tokens (paired)
+                ctr, cte = ctrl[t][tr], ctrl[t][te]
+                cacc = cmf1 = np.nan
+                sel_ci, cconv = (np.nan, np.nan), True
                 if len(np.unique(ctr)) >= 2:
                     cpred, cconv = _fit_eval(X[tr], ctr, X[te], C=C, max_iter=max_iter,
                                              pca_components=pca_components, seed=seed)
-                    cper = np.zeros((uimg.size, ncls, ncls), dtype=np.int64)
-                    np.add.at(cper, (inv, cte, cpred), 1)
-                    cacc, cmf1 = metrics_from_confusion(cper.sum(0))
-                    # paired bootstrap of the selectivity (same image draws)
-                    _, _, c_b = bootstrap_ci(cper, w, ci)
-                    q = [100 * (1 - ci) / 2, 100 * (1 + ci) / 2]
-                    slo, shi = np.nanpercentile(acc_b - c_b, q) if len(c_b) else (np.nan, np.nan)
-                else:
-                    cacc = cmf1 = slo = shi = np.nan
-                    cconv = True
+                    cacc, cmf1, cacc_ci, _, _ = _scored(cte, cpred, inv, uimg.size, ncls, ci)
+                    sel_ci = newcombe_paired_difference(acc, acc_ci, cacc, cacc_ci,
+                                                        np.stack([pred == yte, cpred == cte], axis=1))
                 row.update({
-                    "accuracy": float(acc), "accuracy_ci_low": float(alo), "accuracy_ci_high": float(ahi),
-                    "macro_f1": float(mf1), "macro_f1_ci_low": float(flo), "macro_f1_ci_high": float(fhi),
+                    "accuracy": float(acc), "accuracy_ci_low": acc_ci[0], "accuracy_ci_high": acc_ci[1],
+                    "accuracy_n_eff": n_eff,
+                    "macro_f1": float(mf1), "macro_f1_ci_low": f1_ci[0], "macro_f1_ci_high": f1_ci[1],
                     "majority_accuracy": float(macc), "majority_macro_f1": float(mmf1),
                     "control_accuracy": float(cacc), "control_macro_f1": float(cmf1),
                     "selectivity": float(acc - cacc) if np.isfinite(cacc) else np.nan,
-                    "selectivity_ci_low": float(slo), "selectivity_ci_high": float(shi),
+                    "selectivity_ci_low": sel_ci[0], "selectivity_ci_high": sel_ci[1],
                     "converged": bool(conv and cconv),
                 })
                 rows.append(row)
@@ -533,17 +490,8 @@ def probe(
         if c not in table:
             table[c] = np.nan
     table = table[PROBE_COLUMNS]
-
-    hit_cat = cat
-    k_stored = sum(1 for c in cat.columns if re.fullmatch(r"top\d+_token", c))
-    if hit_k is not None and hit_k != k_stored:
-        hit_cat = _with_neighbours(cat, hidden, vocab, int(hit_k), exclude_ids, img_pos, tok,
-                                   max_block_bytes=max_block_bytes)
-        if exclude_ids is None:
-            exclude_ids = np.flatnonzero(load_vocab(vocab).is_special).tolist()
-        notes.append(f"hit@k: h[0] neighbours recomputed with k={hit_k} (categories hold k={k_stored})")
     hit = hit_at_k(hit_cat, token_labels, {t: labels.tasks[t] for t in task_names}, groups=groups,
-                   vocab=vocab, exclude_ids=exclude_ids)
+                   vocab=voc, exclude_ids=exclude_ids)
 
     ok = table[table["status"] == "ok"]
     best = {}
@@ -560,6 +508,7 @@ def probe(
         "status_counts": table["status"].value_counts().to_dict(),
         "grid_unknown": grid_unknown,
         "best_by_task_group": best,
+        "hitk_vocabulary": None if voc is None else {"size": voc.size, "n_excluded": len(exclude_ids or [])},
         "settings": {"test_fraction": test_fraction, "seed": seed, "max_tokens": max_tokens,
                      "pca_components": pca_components, "C": C, "max_iter": max_iter,
                      "n_bootstrap": n_bootstrap, "ci": ci, "min_tokens": min_tokens,
@@ -568,8 +517,14 @@ def probe(
         "notes": notes,
         "methods_notes": [
             note("reference", "probe", "Multinomial logistic regression (lbfgs, L2, C="
-                 f"{C}) on standardized features, split by image, seed {seed}; accuracy and macro-F1 "
-                 f"with a {ci:.0%} image-level bootstrap CI ({n_bootstrap} draws); majority baseline."),
+                 f"{C}) on standardized features, split by image, seed {seed}; accuracy, macro-F1, "
+                 "majority baseline; a test split with one class is not evaluable (not scored)."),
+            note("deviation", "probe_intervals",
+                 f"{ci:.0%} intervals valid at 0 and 1, where an image-level percentile bootstrap "
+                 "collapses: accuracy gets a Wilson score interval on n_eff = n / deff test tokens "
+                 "(Korn & Graubard: deff = between-image over binomial variance, in [1, n]; 1 at "
+                 "accuracy 0 or 1); selectivity Newcombe's paired interval; macro-F1 an "
+                 f"image-level bootstrap ({n_bootstrap} draws) widened to the accuracy's half-widths."),
             note("deviation", "control_task",
                  "Control task per Hewitt & Liang: each token type (" + control_type + ") gets a random "
                  "label from the task's empirical label distribution; methods.md's 'shuffled per label "

@@ -145,10 +145,19 @@ def text_states_step(model_dir, dataset_dir, out_dir, settings: Mapping[str, Any
 
 
 def probe_step(hidden_index, categories, dataset_dir, out_dir, settings: Mapping[str, Any] | None = None, *,
-               model: str | None = None, dataset: str | None = None, progress: bool = True) -> dict[str, Any]:
-    """``embedlens probe``: :func:`probe` (``categories``: the categorize directory)."""
+               vocab=None, model: str | None = None, dataset: str | None = None,
+               progress: bool = True) -> dict[str, Any]:
+    """``embedlens probe``: :func:`probe` (``categories``: the categorize directory;
+    ``vocab``: the vocabulary store, for hit@k's uniform chance and a ``hit_k`` other than
+    categorize's k; without it ``chance_uniform`` is NaN and such a ``hit_k`` raises).
+
+    Raises
+    ------
+    ValueError
+        as :func:`probe` (e.g. ``hit_k`` other than the stored k without ``vocab``).
+    """
     return probe(open_index(hidden_index), _categories(categories), dataset_labels(dataset_dir), out_dir,
-                 model=model, dataset=dataset, progress=progress,
+                 vocab=vocab, model=model, dataset=dataset, progress=progress,
                  **config_kwargs("probe", dict(settings or {})))
 
 

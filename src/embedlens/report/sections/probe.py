@@ -39,8 +39,9 @@ def section_probe(inp: ReportInputs) -> list:
     p = inp.probe.copy()
     ok = p[p["status"] == "ok"]
     out: list = [md("Linear probes (multinomial logistic regression on standardized features, split by image) per "
-                    "representation, label task and token group. Bands: bootstrap CI over test images; dotted: "
-                    "majority baseline; selectivity = accuracy − control-task accuracy.")]
+                    "representation, label task and token group. Bands: accuracy, Wilson score interval on the "
+                    "effective number of test tokens (image-level design effect; valid at 0 and 1); selectivity "
+                    "(= accuracy − control-task accuracy), Newcombe's paired interval; dotted: majority baseline.")]
     if ok.empty:
         out.append(callout("probe curves: no (layer, task, group) had enough tokens to train and test a probe"))
     else:
@@ -87,13 +88,24 @@ def section_probe(inp: ReportInputs) -> list:
           .agg(lambda x: ", ".join(f"{k.replace('_', ' ')} ×{v}" for k, v in x.value_counts().items()))
           .unstack("group").reset_index())
     st.columns.name = None
-    bad = p[p["status"] != "ok"]
-    if not bad.empty:
-        out.append(md(f"**Probe status** per task and group (number of representations): {len(bad)} of {len(p)} "
-                      "probes were not trained because their group had too few tokens, images or classes."))
-    else:
-        out.append(md("**Probe status** per task and group (number of representations):"))
+    untrained = p[~p["status"].isin(["ok", "not_evaluable"])]
+    unscored = p[p["status"] == "not_evaluable"]
+    text = "**Probe status** per task and group (number of representations):"
+    if not untrained.empty:
+        text += (f" {len(untrained)} of {len(p)} probes were not trained because their group had too few tokens, "
+                 "images or training classes.")
+    if not unscored.empty:
+        text += (f" {len(unscored)} were not evaluable: one class among their test tokens, so accuracy would "
+                 "score that class only (listed below, left out of the curves).")
+    out.append(md(text))
     out.append(table(st))
+    if not unscored.empty:
+        why = unscored["reason"] if "reason" in unscored else pd.Series("", index=unscored.index)
+        ne = (unscored.assign(reason=why.fillna(""), representation=unscored["feature"].map(_feature_label))
+              .groupby(["task", "group", "reason"], sort=False)["representation"]
+              .agg(", ".join).reset_index())
+        out.append(md("**Not evaluable** (test split with one class):"))
+        out.append(table(ne[["task", "group", "representation", "reason"]]))
     best = (inp.probe_summary or {}).get("best_by_task_group") or {}
     if best:
         b = pd.DataFrame([{"task/group": kk, "best representation": _feature_label(v.get("feature")),
@@ -110,7 +122,10 @@ def section_probe(inp: ReportInputs) -> list:
                            "the token at h[0]? hit@k with two chance levels (uniform draw from the vocabulary; the "
                            "token's own neighbours against a label drawn from the group's label distribution).",
                            kind="ours"))
-        out.append(table(hh, percent=["hit_rate", "chance_uniform", "chance_label_prior"]))
+        if "chance_uniform" in hh:
+            # a uniform draw from ~10⁴–10⁵ ids is far below 0.1 %: two significant digits, not "0.0 %"
+            hh = hh.assign(chance_uniform=[f"{100 * v:.2g} %" if pd.notna(v) else "" for v in hh["chance_uniform"]])
+        out.append(table(hh, percent=["hit_rate", "chance_label_prior"]))
     for n in (inp.probe_summary or {}).get("notes", []) or []:
         out.append(md(f"Note: {n}"))
     return out
