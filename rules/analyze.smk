@@ -1,4 +1,4 @@
-# Analyses (methods.md 1-3). Each reads the cached hidden states; each rule's config
+# Analyses (docs/methods.md 1-3). Each reads the cached hidden states; each rule's config
 # section (as the model's mode sets it, with the mode) is its `settings` param, so changing
 # a knob reruns exactly the rules reading it.
 

@@ -1,4 +1,4 @@
-# Compression benchmark (methods.md 4): interventions at inference on the VQA items.
+# Compression benchmark (docs/methods.md 4): interventions at inference on the VQA items.
 # Data sets without VQA items (e.g. skimage) have no compress job (see has_vqa).
 
 

@@ -1,4 +1,4 @@
-"""Compression benchmark (methods.md §4) on real tiny random VLMs (no mocks).
+"""Compression benchmark (docs/methods.md §4) on real tiny random VLMs (no mocks).
 
 Every equality test is paired with a check that the intervention changes something, so a
 hook that silently does nothing fails.

@@ -117,3 +117,24 @@ def test_where_things_live_map_matches_the_tree():
     documented = _documented_modules()
     assert documented - actual == set(), "the map names modules that do not exist"
     assert actual - documented == set(), "modules missing from docs/architecture.md's map"
+
+
+def test_every_methods_citation_points_at_a_section_of_docs_methods():
+    """Code, rules, notebooks and docs cite "docs/methods.md §N": the file is the project's
+    own, and every cited section exists in it."""
+    import re
+
+    methods = (ROOT / "docs" / "methods.md").read_text()
+    sections = set(re.findall(r"^## (\d+)\.", methods, flags=re.M))
+    cited: dict[str, set[str]] = {}
+    for folder in ("src", "rules", "notebooks", "workflow", "docs"):
+        for path in (ROOT / folder).rglob("*"):
+            if path.suffix in (".py", ".smk", ".ipynb", ".md", ".yaml") and "__pycache__" not in path.parts:
+                for m in re.finditer(r"methods\.md\W{0,3}§\s?(\d+)", path.read_text(errors="ignore")):
+                    cited.setdefault(m.group(1), set()).add(str(path.relative_to(ROOT)))
+    assert cited, "no citation found: the pattern is wrong"
+    assert set(cited) <= sections, {s: sorted(p) for s, p in cited.items() if s not in sections}
+    bare = [str(p.relative_to(ROOT)) for folder in ("src", "rules", "notebooks")
+            for p in (ROOT / folder).rglob("*.py")
+            if re.search(r"(?<![\w/.-])methods\.md", p.read_text())]
+    assert bare == [], f"cite docs/methods.md, not a bare methods.md: {bare}"

@@ -271,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_anchors)
 
-    s = analysis_parser("categorize", "sink / dead / alive categorization (methods.md 1)")
+    s = analysis_parser("categorize", "sink / dead / alive categorization (docs/methods.md 1)")
     s.add_argument("--vocab", required=True)
     s.add_argument("--anchors", type=_json_arg, default={}, help="configured anchor ids, JSON")
     s.add_argument("--anchors-dir", default=None,
@@ -287,17 +287,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.set_defaults(func=cmd_text_states)
 
-    s = analysis_parser("probe", "probing classifiers and the hit@k check (methods.md 2)")
+    s = analysis_parser("probe", "probing classifiers and the hit@k check (docs/methods.md 2)")
     s.add_argument("--categories", required=True, help="the categorize output directory")
     s.add_argument("--vocab", default=None, help="vocabulary store (hit@k's uniform chance; any hit_k)")
     s.set_defaults(func=cmd_probe)
 
-    s = analysis_parser("align", "layer alignment with text states (methods.md 3)")
+    s = analysis_parser("align", "layer alignment with text states (docs/methods.md 3)")
     s.add_argument("--categories", required=True)
     s.add_argument("--text-states", required=True, help="the text-states output directory")
     s.set_defaults(func=cmd_align)
 
-    s = analysis_parser("compress", "compression benchmark (methods.md 4)", hidden=False,
+    s = analysis_parser("compress", "compression benchmark (docs/methods.md 4)", hidden=False,
                         model_dir=True)
     s.add_argument("--categories", required=True)
     s.add_argument("--align", default=None,

@@ -1,4 +1,4 @@
-"""Analyses over the cached hidden states (methods.md §1–§3).
+"""Analyses over the cached hidden states (docs/methods.md §1–§3).
 
 * :func:`categorize` – EmbedLens sink/dead/alive categorization (+ anchor discovery [ours]);
 * :func:`discover_model_anchors` – the anchors of a model, found once over all its data sets [ours];

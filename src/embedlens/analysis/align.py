@@ -1,4 +1,4 @@
-"""Layer alignment (methods.md §3) **[ours]**: do input-level visual tokens resemble the
+"""Layer alignment (docs/methods.md §3) **[ours]**: do input-level visual tokens resemble the
 LLM's intermediate-layer text representations more than its input embedding space?
 
 Reference text states

@@ -1,4 +1,4 @@
-"""The best-aligned layer of the align step (methods.md §3) **[ours]**: a criterion that a
+"""The best-aligned layer of the align step (docs/methods.md §3) **[ours]**: a criterion that a
 trivial or imbalanced label task cannot dominate, with an image-level bootstrap interval.
 
 Why not the plain mean ``nn_accuracy``: a task whose tokens almost all carry one label

@@ -1,6 +1,6 @@
 """Anchor discovery for models without known anchor ids **[ours]**.
 
-methods.md §1 gives no released procedure for this; everything in this module is the
+docs/methods.md §1 gives no released procedure for this; everything in this module is the
 project's own and is reported as such (``methods_notes``). It runs on the extracted data
 alone (the per-token table built by :func:`embedlens.analysis.categorize.compute_h0_neighbours`)
 and is deterministic: no sampling, ties broken by id.

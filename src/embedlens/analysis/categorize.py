@@ -1,4 +1,4 @@
-"""EmbedLens categorization of visual tokens at the input level (methods.md §1).
+"""EmbedLens categorization of visual tokens at the input level (docs/methods.md §1).
 
 The reference rule, reproduced exactly when anchors are given:
 
@@ -46,7 +46,7 @@ from .vocab import load_vocab
 GROUPS = ("vit_sink", "llm_sink", "dead")
 LABELS = GROUPS + ("alive",)
 
-#: Reference anchors (methods.md §1.5) for LLaVA-1.5-7B (Vicuna / Llama-2 vocabulary).
+#: Reference anchors (docs/methods.md §1.5) for LLaVA-1.5-7B (Vicuna / Llama-2 vocabulary).
 REFERENCE_ANCHORS: dict[str, dict[str, list[int]]] = {
     "llava-1.5-7b": {"vit_sink": [1141], "llm_sink": [26673], "dead": [30296]},
 }
@@ -75,7 +75,7 @@ def _topk_columns(table: pd.DataFrame, k: int | None) -> list[str]:
 
 def apply_rule(table: pd.DataFrame, anchors: Mapping[str, Sequence[int]], *, k: int | None = None,
                inplace: bool = False) -> pd.DataFrame:
-    """Apply the reference rule (methods.md §1.4) to a table with ``top{r}_id`` columns.
+    """Apply the reference rule (docs/methods.md §1.4) to a table with ``top{r}_id`` columns.
 
     Adds ``in_{g}`` (any anchor of g among the top-k), ``in_{g}_top1`` (anchor of g is the
     top-1), ``label`` (first matching group in the order vit_sink, llm_sink, dead, else
@@ -276,7 +276,7 @@ def categorize(
     top_k : neighbours kept per token and used by the rule (reference k = 3).
     exclude_special / exclude_ids / include_ids : vocabulary rows removed from the candidates
         (the reference searches every row: ``exclude_special=False``, no ``exclude_ids``).
-    similarity_dtype : "float32" (methods.md), or "float16" as a float16 model's code computes
+    similarity_dtype : "float32" (docs/methods.md), or "float16" as a float16 model's code computes
         it: the labels are float16's, the table adds ``label_float32``/``label_top1_float32``
         and the summary's ``similarity_check`` the share of labels (and top-k ids) that differ.
     mode : the model's ``mode`` in config.yaml (``ours``, ``reference``, ``reference-float16``),

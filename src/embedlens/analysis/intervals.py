@@ -1,4 +1,4 @@
-"""Scores and confidence intervals of the probes (methods.md §2), valid at 0 and 1.
+"""Scores and confidence intervals of the probes (docs/methods.md §2), valid at 0 and 1.
 
 The test tokens of a probe are clustered by image (tokens of one image share its colours,
 its background, its layout), so no interval here treats them as independent draws:

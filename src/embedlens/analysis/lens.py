@@ -1,4 +1,4 @@
-"""Layer lens: what does a visual token "mean" at depth l (methods.md §1, last paragraph).
+"""Layer lens: what does a visual token "mean" at depth l (docs/methods.md §1, last paragraph).
 
 Per extracted layer l and visual token, the top-k vocabulary neighbours of ``h[l]`` by
 

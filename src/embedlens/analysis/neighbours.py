@@ -1,4 +1,4 @@
-"""The per-token input of the EmbedLens rule (methods.md §1): the top-k neighbours of
+"""The per-token input of the EmbedLens rule (docs/methods.md §1): the top-k neighbours of
 ``h[0]`` among the rows of the input-embedding matrix E, and the norms the report and
 anchor discovery read (``h[l]`` per layer, the vision output of the 1:1 vision token).
 

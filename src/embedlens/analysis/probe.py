@@ -1,4 +1,4 @@
-"""Probing classifiers (methods.md §2): do visual tokens encode colours, shapes, text?
+"""Probing classifiers (docs/methods.md §2): do visual tokens encode colours, shapes, text?
 
 For each probed feature layer (vision-encoder output, ``h[0]`` … ``h[L]`` or a configured
 subset), each label task and each token group (all, alive, dead, sink):
@@ -9,13 +9,13 @@ subset), each label task and each token group (all, alive, dead, sink):
 * accuracy on the test images with a Wilson score interval on the effective number of
   test tokens (image-level design effect), macro-F1 with an image-level percentile
   bootstrap widened to at least the accuracy's half-widths (``intervals``: valid at 0 and
-  1; tokens of one image are not independent). **Deviation, stated:** methods.md asks for
+  1; tokens of one image are not independent). **Deviation, stated:** docs/methods.md asks for
   a bootstrap CI; a percentile bootstrap over images collapses to [1, 1] when every test
   image is perfect;
 * majority baseline (most frequent training label);
 * control task (Hewitt & Liang 2019) and selectivity = accuracy − control accuracy, with
   Newcombe's paired score interval (same test tokens, same effective sizes).
-  **Deviation, stated:** methods.md says "labels shuffled consistently per label value";
+  **Deviation, stated:** docs/methods.md says "labels shuffled consistently per label value";
   taken literally (a fixed relabelling of each label value) the control task is a
   relabelling of the real one and selectivity would be ≈ 0 by construction. We follow H&L:
   each token *type* gets a random label drawn from the task's empirical label
@@ -527,7 +527,7 @@ def probe(
                  f"image-level bootstrap ({n_bootstrap} draws) widened to the accuracy's half-widths."),
             note("deviation", "control_task",
                  "Control task per Hewitt & Liang: each token type (" + control_type + ") gets a random "
-                 "label from the task's empirical label distribution; methods.md's 'shuffled per label "
+                 "label from the task's empirical label distribution; docs/methods.md's 'shuffled per label "
                  "value' read literally is a relabelling of the real task (selectivity ≡ 0)."),
             note("ours", "patch_compression_hitk",
                  "hit@k: label word among the top-k EmbedLens neighbours at h[0] (marker-stripped, "

@@ -3,7 +3,7 @@
 :class:`Vocab` holds the input-embedding matrix E (V, d) with its token strings;
 :class:`VocabIndex` finds the k nearest rows (cosine or logits) of many query vectors
 without ever holding a (queries x V) matrix. Every lens (h[0] categorization, the
-embedding/logit lens, hit@k) goes through it (methods.md §1).
+embedding/logit lens, hit@k) goes through it (docs/methods.md §1).
 """
 
 from __future__ import annotations

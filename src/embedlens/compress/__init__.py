@@ -1,4 +1,4 @@
-"""Compression benchmark (methods.md §4): interventions on visual tokens at inference,
+"""Compression benchmark (docs/methods.md §4): interventions on visual tokens at inference,
 multiple-choice VQA accuracy under them, and their cost.
 
 * :mod:`.interventions` — hook-based ``prune``/``keep``/``random_matched``/``skip``/
@@ -13,7 +13,7 @@ from .benchmark import default_conditions, parse_conditions, run_compress, wilso
 from .spec import (
     Intervention,
     baseline,
-    exit,  # noqa: A004 - the name methods.md §4 uses
+    exit,  # noqa: A004 - the name docs/methods.md §4 uses
     exit_at,
     inject,
     keep,

@@ -1,4 +1,4 @@
-"""The compression benchmark (methods.md §4): multiple-choice VQA accuracy and cost of a
+"""The compression benchmark (docs/methods.md §4): multiple-choice VQA accuracy and cost of a
 model under a list of visual-token interventions.
 
 Conditions are dicts as they appear in ``config.yaml``::
@@ -352,7 +352,7 @@ def run_compress(
 
 
 def methods_notes(pack_choices: bool = True) -> list[dict]:
-    """The procedures of this benchmark that are the project's own ([ours], methods.md §5)."""
+    """The procedures of this benchmark that are the project's own ([ours], docs/methods.md §5)."""
     from embedlens.analysis.outputs import note
 
     out = [

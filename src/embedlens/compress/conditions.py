@@ -1,4 +1,4 @@
-"""The compression benchmark's conditions (methods.md §4): the default set and the
+"""The compression benchmark's conditions (docs/methods.md §4): the default set and the
 parsing of ``config.yaml``'s ``compress.conditions`` into variants (one per seed for
 ``random_matched``), with a clear error naming the bad condition.
 """
@@ -26,7 +26,7 @@ SINKS = ["vit_sink", "llm_sink"]
 
 # =========================================================================== conditions
 def default_conditions(num_layers: int, best_aligned_layer: int | None = None) -> list[dict]:
-    """The default condition list (methods.md §4) for a decoder of `num_layers` layers.
+    """The default condition list (docs/methods.md §4) for a decoder of `num_layers` layers.
 
     baseline; prune sinks; prune dead; keep alive only; matched random controls for the
     same three deletions (seeds from the run); skip attention / MLP / both of all visual

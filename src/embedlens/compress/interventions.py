@@ -1,4 +1,4 @@
-"""Interventions on the visual tokens of a VLM's prefill (methods.md §4), through hooks.
+"""Interventions on the visual tokens of a VLM's prefill (docs/methods.md §4), through hooks.
 
 Nothing here copies model code. An intervened forward pass is the model's own forward,
 called in the standard transformers way, plus
@@ -64,7 +64,7 @@ Limits
 Token groups
 ------------
 A visual token's group is its categorize label (``vit_sink``, ``llm_sink``, ``dead``,
-``alive``; methods.md §1, the label is the first matching group, so groups partition the
+``alive``; docs/methods.md §1, the label is the first matching group, so groups partition the
 visual tokens). Aliases: ``sink``/``sinks`` = ``vit_sink`` + ``llm_sink``; ``visual``/``all``
 = every visual token. Visual token ``j`` of an image is the ``j``-th position (in sequence
 order) whose input id is the model's image token id, the same order as the store's
@@ -97,7 +97,7 @@ from .spec import (  # noqa: F401 - re-exported
     OPS,
     Intervention,
     baseline,
-    exit,  # noqa: A004 - the name methods.md §4 uses
+    exit,  # noqa: A004 - the name docs/methods.md §4 uses
     exit_at,
     inject,
     keep,
@@ -300,7 +300,7 @@ def answer_logprob(logits: torch.Tensor, targets: torch.Tensor) -> float:
 
     Kept here as a small generic function because the compression benchmark scores
     answers under intervened forward passes (rebuilt sequences, hooks), which the shared
-    scorer cannot run; the definition is the one of methods.md §4.
+    scorer cannot run; the definition is the one of docs/methods.md §4.
     """
     lp = torch.log_softmax(logits.float(), dim=-1)
     t = torch.as_tensor(targets, device=lp.device, dtype=torch.long)

@@ -1,5 +1,5 @@
 """Planning: what one intervention does to one captured sequence, as boolean masks over its
-positions (methods.md §4). Pruning/keeping/random_matched remove tokens before layer 0
+positions (docs/methods.md §4). Pruning/keeping/random_matched remove tokens before layer 0
 (``keep``), ``skip`` zeroes sublayer updates (``skip`` + ``sublayers``), ``inject``/``exit``
 leave tokens out of some layers (``absent`` + ``absent_layers``); :mod:`.hooks` and
 :func:`.interventions.forward` carry the masks out.

@@ -1,8 +1,8 @@
-"""What an intervention on the visual tokens is (methods.md §4): token groups, the
+"""What an intervention on the visual tokens is (docs/methods.md §4): token groups, the
 operations and their parameters. Pure data; nothing here touches a model.
 
 Token groups: a visual token's group is its categorize label (``vit_sink``, ``llm_sink``,
-``dead``, ``alive``; methods.md §1). Aliases: ``sink``/``sinks`` = ``vit_sink`` +
+``dead``, ``alive``; docs/methods.md §1). Aliases: ``sink``/``sinks`` = ``vit_sink`` +
 ``llm_sink``; ``visual``/``all`` = every visual token.
 """
 
@@ -39,7 +39,7 @@ def resolve_groups(groups: Iterable[str]) -> frozenset[str]:
 
 @dataclass(frozen=True)
 class Intervention:
-    """One intervention (methods.md §4). Build with the functions below."""
+    """One intervention (docs/methods.md §4). Build with the functions below."""
 
     op: str
     groups: tuple[str, ...] = ()
@@ -122,7 +122,7 @@ def inject(layer: int) -> Intervention:
     return Intervention("inject", ("visual",), layer=int(layer))
 
 
-def exit(layer: int) -> Intervention:  # noqa: A001 - the name methods.md §4 uses
+def exit(layer: int) -> Intervention:  # noqa: A001 - the name docs/methods.md §4 uses
     """All visual tokens are dropped at the input of `layer` (absent from it on).
     ``exit(num_layers)`` is the baseline; ``exit(0)`` equals pruning every visual token."""
     return Intervention("exit", ("visual",), layer=int(layer))

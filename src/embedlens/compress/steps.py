@@ -19,7 +19,7 @@ from embedlens.analysis.outputs import step_reader
 
 from .benchmark import run_compress
 
-#: The align result whose best layer the inject condition uses (methods.md §4).
+#: The align result whose best layer the inject condition uses (docs/methods.md §4).
 BEST_LAYER_KEY = "h0/alive"
 
 

@@ -25,7 +25,7 @@ LABELS = ("vit_sink", "llm_sink", "dead", "alive")
 GROUPS = LABELS[:3]
 #: Okabe–Ito colours (colour-blind safe), one per category.
 LABEL_COLOURS = {"vit_sink": "#D55E00", "llm_sink": "#CC79A7", "dead": "#7F7F7F", "alive": "#009E73"}
-REFERENCE_ALIVE_SHARE = 0.60  # paper, LLaVA-1.5-7B (methods.md §1.5)
+REFERENCE_ALIVE_SHARE = 0.60  # paper, LLaVA-1.5-7B (docs/methods.md §1.5)
 
 
 def callout(text: str, kind: str = "missing"):

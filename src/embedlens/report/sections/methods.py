@@ -1,5 +1,5 @@
 """Report section "Methods and deviations": every procedure the analyses report about
-themselves, and a checklist of the procedures methods.md marks [ours] or deviating."""
+themselves, and a checklist of the procedures docs/methods.md marks [ours] or deviating."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pandas as pd
 from ..display import callout, md, table
 from ..inputs import ReportInputs
 
-#: Procedures methods.md marks [ours] (or where the project deviates), with the output
+#: Procedures docs/methods.md marks [ours] (or where the project deviates), with the output
 #: that documents each. The methods section lists every one, present or not.
 EXPECTED_OURS: tuple[tuple[str, str, str], ...] = (
     ("anchor_discovery", "categorize", "Anchor discovery for models without configured anchors (§1)"),
@@ -44,7 +44,7 @@ def collect_methods_notes(inp: ReportInputs) -> pd.DataFrame:
     add("compress (summary.json)", (inp.compress_summary or {}).get("methods_notes"))
     c = inp.compress
     if c is not None and not c.empty and "op" in c and (c["op"] == "random_matched").any():
-        rows.append({"tag": "deviation", "procedure": "random_matched_empty_groups", "source": "report (methods.md §4)",
+        rows.append({"tag": "deviation", "procedure": "random_matched_empty_groups", "source": "report (docs/methods.md §4)",
                      "text": "random_matched: when the deleted groups are empty for an image, nothing is deleted "
                              "(the reference deletes every visual token in that case)."})
     if inp.categories is not None:
@@ -63,7 +63,7 @@ def section_methods(inp: ReportInputs) -> list:
     out: list = [md("Every procedure the analyses report about themselves (`methods_notes` of each output). "
                     "**reference** = the paper's procedure reproduced; **ours** = this project's own procedure "
                     "(no released reference); **deviation** = where the project departs from the reference or "
-                    "from methods.md, and why.")]
+                    "from docs/methods.md, and why.")]
     if notes.empty:
         out.append(callout("methods notes: no output carried any (all analyses missing?)"))
     else:
@@ -81,8 +81,8 @@ def section_methods(inp: ReportInputs) -> list:
         else:
             key = {"categorize": "categorize", "probe": "probe", "align": "align", "compress": "compress"}[step]
             status = f"not in this report: {inp.why(key)}" if key in inp.missing else "not used by this run"
-        rows.append({"[ours] / deviation (methods.md)": desc, "status": status})
-    out.append(md("**Checklist of the procedures methods.md marks [ours] or where the project deviates:**"))
+        rows.append({"[ours] / deviation (docs/methods.md)": desc, "status": status})
+    out.append(md("**Checklist of the procedures docs/methods.md marks [ours] or where the project deviates:**"))
     out.append(table(pd.DataFrame(rows)))
     other = []
     for src, s in (("anchors", inp.anchors_summary), ("categorize", inp.cat_summary),
