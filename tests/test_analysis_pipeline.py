@@ -159,3 +159,22 @@ def test_probe_step_gives_hit_k_chance_with_the_vocabulary(setup, tmp_path):
                  "--settings", json.dumps(settings), "--out", str(tmp_path / "cli")]) == 0
     hit = pd.read_parquet(tmp_path / "cli" / "hitk.parquet")
     assert sorted(hit["k"]) == [1, 2, 3] and np.isfinite(hit["chance_uniform"]).all()
+
+
+def test_a_store_and_another_data_set_are_refused_by_name(setup, tmp_path, capsys):
+    """Synthetic data sets share their image ids, so a store analysed with another data
+    set's labels would run and be wrong: every step refuses it, naming both, and the CLI
+    prints the message without a traceback."""
+    from embedlens.analysis.steps import open_store_of
+    from embedlens.cli import main
+
+    index = setup["root"] / "hidden.json"
+    assert open_store_of(index, setup["data"]).sizes["image"] == 8
+    other = materialize("other", {"source": "synthetic", "n_images": 8, "seed": 3, "image_size": 64, "grid": 4},
+                        tmp_path / "other")
+    with pytest.raises(ValueError, match="extracted from data set 'shapes', but .* is data set 'other'"):
+        open_store_of(index, other)
+    rc = main(["categorize", "--hidden", str(index), "--vocab", str(tmp_path / "nope.zarr"),
+               "--dataset-dir", str(other), "--out", str(tmp_path / "cat")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "pass the data set the store was extracted from" in err and "Traceback" not in err

@@ -52,7 +52,7 @@ TARGETS = ["results/hidden/tiny/shapes/hidden.json",
            "results/analysis/tiny/shapes/categorize",
            "results/analysis/tiny/shapes/probe"]
 RULES = ("materialize_dataset", "export_vocab", "extract_hidden", "index_hidden",
-         "categorize_tokens", "probe_tokens")
+         "discover_anchors", "categorize_tokens", "probe_tokens")
 FAKE_GPUS = 3   # one per shard: the shards run at once
 
 

@@ -318,19 +318,28 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from .config import ConfigError
 
-    # Errors whose message already names the file/key and what to do: no traceback.
-    expected: tuple = (ConfigError, FileNotFoundError, FileExistsError)
+    # Errors whose message names the file/key and what to do: printed without a traceback
+    # (`embedlens -v <step>` shows it). ValueError/KeyError are the library's documented
+    # bad-input errors (each entry point's Raises); anything else is a bug and keeps its
+    # traceback.
+    expected: tuple = (ConfigError, FileNotFoundError, FileExistsError, IsADirectoryError,
+                       NotADirectoryError, ValueError, KeyError)
     try:
+        from .analysis.outputs import SummaryError
         from .datasets import BadImageError, ManifestError
         from .models.resolve import ModelNotFoundError
 
-        expected += (BadImageError, ManifestError, ModelNotFoundError)
+        expected += (BadImageError, ManifestError, ModelNotFoundError, SummaryError)
     except ImportError:  # pragma: no cover - partial installs
         pass
     try:
         return args.func(args)
     except expected as exc:
-        print(f"embedlens {args.step}: error: {exc}", file=sys.stderr)
+        if args.verbose:
+            raise
+        # KeyError's str() is the repr of its argument: show the message itself
+        text = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"embedlens {args.step}: error: {text}", file=sys.stderr)
         return 2
 
 

@@ -115,8 +115,9 @@ def read_summary(path: str | os.PathLike, step: str | None = None) -> dict[str, 
     try:
         data = json.loads(p.read_text())
     except FileNotFoundError:
-        raise SummaryError(f"{p}: no summary; run the step that writes it "
-                           "(snakemake <that file>)") from None
+        raise SummaryError(f"{p}: no summary: this is not a finished {step or 'step'} output "
+                           "directory (pass the step's directory; snakemake <that directory> "
+                           "writes it)") from None
     except json.JSONDecodeError as exc:
         raise SummaryError(f"{p}: not valid JSON ({exc}); delete it and rerun its step") from None
     missing = [k for k in SUMMARY_KEYS if k not in data]

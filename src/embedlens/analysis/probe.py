@@ -15,7 +15,8 @@ subset), each label task and each token group (all, alive, dead, sink):
 * majority baseline (most frequent training label);
 * control task (Hewitt & Liang 2019) and selectivity = accuracy − control accuracy, with
   Newcombe's paired score interval (same test tokens, same effective sizes).
-  **Deviation, stated:** docs/methods.md says "labels shuffled consistently per label value";
+  **Deviation, stated** (docs/methods.md §2): the reference description says "labels shuffled
+  consistently per label value";
   taken literally (a fixed relabelling of each label value) the control task is a
   relabelling of the real one and selectivity would be ≈ 0 by construction. We follow H&L:
   each token *type* gets a random label drawn from the task's empirical label
@@ -527,8 +528,8 @@ def probe(
                  f"image-level bootstrap ({n_bootstrap} draws) widened to the accuracy's half-widths."),
             note("deviation", "control_task",
                  "Control task per Hewitt & Liang: each token type (" + control_type + ") gets a random "
-                 "label from the task's empirical label distribution; docs/methods.md's 'shuffled per label "
-                 "value' read literally is a relabelling of the real task (selectivity ≡ 0)."),
+                 "label from the task's empirical label distribution; the reference's 'shuffled per label "
+                 "value' read literally is a relabelling of the real task (selectivity ≡ 0); docs/methods.md §2."),
             note("ours", "patch_compression_hitk",
                  "hit@k: label word among the top-k EmbedLens neighbours at h[0] (marker-stripped, "
                  "case-insensitive match except single characters); chance = uniform draw from the candidate vocabulary and "

@@ -46,6 +46,33 @@ def dataset_labels(dataset_dir: str | Path | None) -> PatchLabels | None:
     return read_patch_labels(dataset_dir) if meta.get("label_tasks") else None
 
 
+def open_store_of(hidden_index, dataset_dir: str | Path | None):
+    """The hidden-state store of ``hidden_index``, checked against the data set it is
+    analysed with: a store extracted from another data set would be joined to that data
+    set's labels by image id alone (synthetic sets share their ids), silently wrong.
+
+    Raises
+    ------
+    ValueError
+        the store's ``dataset`` attribute names another data set than ``dataset.json``, or
+        the store holds images the data set does not have (names both and what to do).
+    """
+    hidden = open_index(hidden_index)
+    if dataset_dir is None:
+        return hidden
+    meta = json.loads((Path(dataset_dir) / "dataset.json").read_text())
+    stored = hidden.attrs.get("dataset")
+    if stored is not None and str(stored) != str(meta.get("name")):
+        raise ValueError(f"{hidden_index} was extracted from data set {stored!r}, but {dataset_dir} is data set "
+                         f"{meta.get('name')!r}: pass the data set the store was extracted from")
+    known = {str(im["image_id"]) for im in meta.get("images", [])}
+    extra = [str(x) for x in hidden["image_id"].values if str(x) not in known]
+    if extra:
+        raise ValueError(f"{hidden_index}: {len(extra)} image(s) not in data set {dataset_dir} "
+                         f"(e.g. {extra[:3]}): pass the data set the store was extracted from")
+    return hidden
+
+
 def _categories(path: str | Path) -> Path:
     p = Path(path)
     return p / CATEGORIZE_FILES["categories"] if p.is_dir() else p
@@ -76,7 +103,7 @@ def anchors_step(hidden_indexes: Sequence, vocab, dataset_dirs: Sequence, out_di
     keep = set(inspect.signature(discover_model_anchors).parameters)
     kwargs = {k: v for k, v in config_kwargs("categorize", dict(settings or {})).items() if k in keep}
     return discover_model_anchors(
-        {n: open_index(h) for n, h in zip(names, hidden_indexes)}, vocab, out_dir,
+        {n: open_store_of(h, d) for n, h, d in zip(names, hidden_indexes, dataset_dirs)}, vocab, out_dir,
         labels={n: dataset_labels(d) for n, d in zip(names, dataset_dirs)}, anchors=anchors or None,
         model=model, progress=progress, **kwargs)
 
@@ -88,7 +115,7 @@ def categorize_step(hidden_index, vocab, dataset_dir, out_dir, settings: Mapping
     ``anchors_dir``: the model's anchors step directory (the workflow's; its anchors are
     used, the configured ``anchors`` still win per group); None: discovery on this data set."""
     model_anchors = anchors_document(anchors_dir) if anchors_dir else None
-    return categorize(open_index(hidden_index), vocab, out_dir, anchors=anchors or None,
+    return categorize(open_store_of(hidden_index, dataset_dir), vocab, out_dir, anchors=anchors or None,
                       model_anchors=model_anchors, labels=dataset_labels(dataset_dir), model=model,
                       dataset=dataset, progress=progress, **config_kwargs("categorize", dict(settings or {})))
 
@@ -156,7 +183,7 @@ def probe_step(hidden_index, categories, dataset_dir, out_dir, settings: Mapping
     ValueError
         as :func:`probe` (e.g. ``hit_k`` other than the stored k without ``vocab``).
     """
-    return probe(open_index(hidden_index), _categories(categories), dataset_labels(dataset_dir), out_dir,
+    return probe(open_store_of(hidden_index, dataset_dir), _categories(categories), dataset_labels(dataset_dir), out_dir,
                  vocab=vocab, model=model, dataset=dataset, progress=progress,
                  **config_kwargs("probe", dict(settings or {})))
 
@@ -165,6 +192,6 @@ def align_step(hidden_index, categories, text_states, dataset_dir, out_dir,
                settings: Mapping[str, Any] | None = None, *, model: str | None = None,
                dataset: str | None = None, progress: bool = True) -> dict[str, Any]:
     """``embedlens align``: :func:`align` (``text_states``: the text-states directory)."""
-    return align(open_index(hidden_index), _categories(categories), TextStates.load(text_states),
+    return align(open_store_of(hidden_index, dataset_dir), _categories(categories), TextStates.load(text_states),
                  dataset_labels(dataset_dir), out_dir, model=model, dataset=dataset, progress=progress,
                  **config_kwargs("align", dict(settings or {})))

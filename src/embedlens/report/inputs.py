@@ -248,6 +248,10 @@ def load_inputs(
             inp.anchors = _read_json(cat.path("anchors"))
         except Exception as exc:  # noqa: BLE001
             miss["categorize/anchors"] = f"{cat.directory}: no anchors record ({exc})"
+        try:
+            inp.nearest_words = cat.table("nearest_words")
+        except Exception as exc:  # noqa: BLE001
+            miss["nearest_words"] = f"{cat.directory}: no nearest-words table ({exc})"
 
     # --- the model's anchors (one discovery over all its data sets)
     if anchors_dir:
@@ -258,10 +262,6 @@ def load_inputs(
                 inp.anchors = _read_json(an.path("anchors"))
             except Exception as exc:  # noqa: BLE001
                 miss["anchors"] = f"{an.directory}: no anchors record ({exc})"
-        try:
-            inp.nearest_words = cat.table("nearest_words")
-        except Exception as exc:  # noqa: BLE001
-            miss["nearest_words"] = f"{cat.directory}: no nearest-words table ({exc})"
 
     # --- lens
     lens = _read_step(read_lens, lens_dir, "lens", miss, "layer-lens output")
