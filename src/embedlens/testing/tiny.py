@@ -22,7 +22,6 @@ import torch
 from embedlens.testing.tiny_common import (
     _D,
     _INIT,
-    _LAYERS,
     _TEMPLATES,
     _clip_vision,
     _llama_text,
@@ -37,7 +36,6 @@ from embedlens.testing.tiny_common import (
     _tokenizer,
     _VD,
     _VLAYERS,
-    _vocab,
 )
 
 # the full list (with the families of tiny_llava_family / tiny_recent) is set at the end of the module
@@ -178,24 +176,8 @@ def _build_gemma3():
         image_processor=ip, tokenizer=tok, image_seq_length=16, chat_template=_TEMPLATES["gemma3"]
     )
     cfg = Gemma3Config(
-        text_config=dict(
-            model_type="gemma3_text",
-            vocab_size=_vocab(tok),
-            hidden_size=_D,
-            intermediate_size=2 * _D,
-            num_hidden_layers=_LAYERS,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=16,
-            query_pre_attn_scalar=16,
-            max_position_embeddings=512,
-            sliding_window=8,
-            layer_types=["sliding_attention", "full_attention"],
-            initializer_range=_INIT,
-            pad_token_id=tok.pad_token_id,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-        ),
+        text_config=_llama_text(tok, model_type="gemma3_text", head_dim=16, query_pre_attn_scalar=16,
+                                sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
         vision_config=_siglip_vision(32, 4, vision_use_head=False),
         mm_tokens_per_image=16,
         image_token_index=tok.image_token_id,
@@ -255,21 +237,7 @@ def _build_paligemma():
     ip.image_seq_length = 64
     # no chat template (PaliGemma has none): the adapter uses the placeholder from overrides
     proc = PaliGemmaProcessor(image_processor=ip, tokenizer=tok)  # adds <loc>/<seg> tokens
-    text = dict(
-        model_type="gemma",
-        vocab_size=_vocab(tok),
-        hidden_size=_D,
-        intermediate_size=2 * _D,
-        num_hidden_layers=_LAYERS,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        max_position_embeddings=512,
-        initializer_range=_INIT,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
+    text = _llama_text(tok, model_type="gemma", head_dim=16)
     cfg = PaliGemmaConfig(
         vision_config=_siglip_vision(32, 4, projection_dim=_D, vision_use_head=False),
         text_config=text,
