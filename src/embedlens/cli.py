@@ -171,6 +171,18 @@ def cmd_compress(args) -> int:
     return 0
 
 
+def cmd_benchmark(args) -> int:
+    from .bench.steps import benchmarks_step
+
+    table = benchmarks_step(args.model_dir, args.vocab, args.tasks, args.out, args.settings,
+                            anchors_dir=args.anchors_dir, model=args.model_name,
+                            trust_remote_code=args.trust_remote_code)
+    from .report.sections.benchmarks import paper_table
+
+    print(paper_table(table).to_string(max_rows=80))
+    return 0
+
+
 # ---------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     from .config import DEFAULTS  # the schema's defaults: spelled once
@@ -303,6 +315,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--align", default=None,
                    help="the align output directory (its best layer for alive tokens adds an inject condition)")
     s.set_defaults(func=cmd_compress)
+
+    s = sub.add_parser("benchmark", help="standard benchmarks (lmms-eval tasks) under each intervention "
+                                         "(docs/methods.md 4)")
+    s.add_argument("--model-dir", required=True)
+    s.add_argument("--trust-remote-code", action="store_true")
+    s.add_argument("--vocab", required=True, help="the model's vocab.zarr")
+    s.add_argument("--anchors-dir", default=None, help="the model's anchors step directory (its anchor ids)")
+    s.add_argument("--tasks", type=_json_arg, required=True,
+                   help="config.yaml benchmarks.tasks as JSON (each with a local data path)")
+    s.add_argument("--settings", type=_json_arg, default={}, help="run settings, JSON (see run_benchmarks)")
+    s.add_argument("--model-name", default=None)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_benchmark)
     return p
 
 

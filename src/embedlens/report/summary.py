@@ -22,6 +22,7 @@ SUMMARY_SECTIONS: tuple[str, ...] = (
     "Anchors",
     "Best-aligned layer",
     "Compression deltas vs baseline",
+    "Standard benchmarks",
 )
 
 
