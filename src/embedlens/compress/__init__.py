@@ -10,6 +10,7 @@ multiple-choice VQA accuracy under them, and their cost.
 """
 
 from .benchmark import default_conditions, parse_conditions, run_compress, wilson_interval
+from .plan import TokenGroups
 from .spec import (
     Intervention,
     baseline,
@@ -24,6 +25,7 @@ from .spec import (
 
 __all__ = [
     "Intervention",
+    "TokenGroups",
     "baseline",
     "default_conditions",
     "exit",

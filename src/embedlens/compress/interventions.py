@@ -63,10 +63,12 @@ Limits
 
 Token groups
 ------------
-A visual token's group is its categorize label (``vit_sink``, ``llm_sink``, ``dead``,
-``alive``; docs/methods.md §1, the label is the first matching group, so groups partition the
-visual tokens). Aliases: ``sink``/``sinks`` = ``vit_sink`` + ``llm_sink``; ``visual``/``all``
-= every visual token. Visual token ``j`` of an image is the ``j``-th position (in sequence
+A visual token belongs to a group (``vit_sink``, ``llm_sink``, ``dead``; docs/methods.md §1)
+when an anchor id of the group is among its top-k vocabulary neighbours (membership, the
+reference semantics and the default; groups may overlap, ``alive`` = in none), or, with an
+intervention's ``select="label"``, when its exclusive categorize label is the group (the first
+matching group, a partition); see :class:`TokenGroups`. Aliases: ``sink``/``sinks`` =
+``vit_sink`` + ``llm_sink``; ``visual``/``all`` = every visual token. Visual token ``j`` of an image is the ``j``-th position (in sequence
 order) whose input id is the model's image token id, the same order as the store's
 ``token`` coordinate.
 """
@@ -82,7 +84,14 @@ from embedlens.models.parts import attn_implementation, decoder_of, image_token_
 from embedlens.models.parts import decoder_layers  # noqa: F401 - re-exported (callers count layers with it)
 
 from .hooks import intervention_hooks
-from .plan import AssembledBatch, Plan, plan_for, random_matched_removal  # noqa: F401 - re-exported
+from .plan import (  # noqa: F401 - re-exported
+    AssembledBatch,
+    Plan,
+    TokenGroups,
+    plan_for,
+    random_matched_removal,
+    token_groups,
+)
 from .sequences import (  # noqa: F401 - re-exported
     TokenSequence,
     answer_field_values,
@@ -93,8 +102,10 @@ from .sequences import (  # noqa: F401 - re-exported
 )
 from .spec import (  # noqa: F401 - re-exported
     GROUP_ALIASES,
+    GROUPS,
     LABELS,
     OPS,
+    SELECTIONS,
     Intervention,
     baseline,
     exit,  # noqa: A004 - the name docs/methods.md §4 uses

@@ -1,8 +1,12 @@
 """What an intervention on the visual tokens is (docs/methods.md §4): token groups, the
 operations and their parameters. Pure data; nothing here touches a model.
 
-Token groups: a visual token's group is its categorize label (``vit_sink``, ``llm_sink``,
-``dead``, ``alive``; docs/methods.md §1). Aliases: ``sink``/``sinks`` = ``vit_sink`` +
+Token groups (docs/methods.md §1, §4): ``vit_sink``, ``llm_sink``, ``dead``, ``alive``.
+Which tokens a group holds depends on the intervention's ``select``: ``"membership"`` (the
+reference semantics, default) = every token with an anchor id of the group anywhere in its
+top-k vocabulary neighbours (groups may overlap; ``alive`` = in no group); ``"label"`` =
+the tokens whose exclusive categorize label is the group (first matching group in the
+order vit_sink, llm_sink, dead; a partition). Aliases: ``sink``/``sinks`` = ``vit_sink`` +
 ``llm_sink``; ``visual``/``all`` = every visual token.
 """
 
@@ -18,6 +22,10 @@ GROUP_ALIASES = {
     "visual": LABELS,
     "all": LABELS,
 }
+#: The anchor groups (membership may overlap); ``alive`` is "in none of them".
+GROUPS = ("vit_sink", "llm_sink", "dead")
+#: How a group selects tokens: by anchor membership (reference, default) or exclusive label.
+SELECTIONS = ("membership", "label")
 OPS = ("baseline", "prune", "keep", "random_matched", "skip", "inject", "exit")
 
 
@@ -46,10 +54,13 @@ class Intervention:
     seed: int | None = None
     sublayers: tuple[float, ...] = ()  # skip: n = attention of layer n, n + 0.5 = MLP
     layer: int | None = None  # inject / exit
+    select: str = "membership"  # how `groups` pick tokens: see SELECTIONS and the module doc
 
     def __post_init__(self) -> None:
         if self.op not in OPS:
             raise ValueError(f"unknown intervention {self.op!r}; choose from {', '.join(OPS)}")
+        if self.select not in SELECTIONS:
+            raise ValueError(f"select must be one of {', '.join(SELECTIONS)}, got {self.select!r}")
         resolve_groups(self.groups)
         for s in self.sublayers:
             if not (float(s) * 2).is_integer() or s < 0:
@@ -64,7 +75,7 @@ class Intervention:
         return resolve_groups(self.groups)
 
     def describe(self) -> str:
-        g = "+".join(self.groups)
+        g = "+".join(self.groups) + (" by label" if self.select == "label" else "")
         if self.op == "baseline":
             return "baseline"
         if self.op in ("prune", "keep"):
@@ -81,19 +92,21 @@ def baseline() -> Intervention:
     return Intervention("baseline")
 
 
-def prune(groups: Sequence[str]) -> Intervention:
-    """Delete the visual tokens of `groups` before layer 0 (original position ids kept)."""
-    return Intervention("prune", tuple(groups))
+def prune(groups: Sequence[str], select: str = "membership") -> Intervention:
+    """Delete the visual tokens of `groups` (selected by `select`) before layer 0
+    (original position ids kept)."""
+    return Intervention("prune", tuple(groups), select=select)
 
 
-def keep(groups: Sequence[str]) -> Intervention:
+def keep(groups: Sequence[str], select: str = "membership") -> Intervention:
     """Keep only the visual tokens of `groups` (the complement of :func:`prune`)."""
-    return Intervention("keep", tuple(groups))
+    return Intervention("keep", tuple(groups), select=select)
 
 
-def random_matched(groups: Sequence[str], seed: int) -> Intervention:
+def random_matched(groups: Sequence[str], seed: int, select: str = "membership") -> Intervention:
     """Per image, delete as many randomly chosen visual tokens from the *complement* of
-    `groups` as `groups` hold (the reference's matched-size control).
+    `groups` as `groups` hold (the reference's matched-size control); group size and
+    complement are those of the selection `select`.
 
     An image whose groups are empty loses nothing. The reference deletes every visual
     token in that case (its index selection degenerates on an empty set); that is a bug
@@ -102,17 +115,17 @@ def random_matched(groups: Sequence[str], seed: int) -> Intervention:
     The choice is a function of (seed, image_id) only, so it is the same for every
     question about an image, in any batch and any order.
     """
-    return Intervention("random_matched", tuple(groups), seed=int(seed))
+    return Intervention("random_matched", tuple(groups), seed=int(seed), select=select)
 
 
-def skip(groups: Sequence[str], sublayers: Iterable[float]) -> Intervention:
+def skip(groups: Sequence[str], sublayers: Iterable[float], select: str = "membership") -> Intervention:
     """Zero the residual update of `sublayers` for the tokens of `groups` (prefill).
 
     Sublayer ``n`` is the attention of decoder layer ``n`` (0-based), ``n + 0.5`` its MLP.
     The tokens still provide keys and values to the others.
     """
     subs = tuple(sorted({float(s) for s in sublayers}))
-    return Intervention("skip", tuple(groups), sublayers=subs)
+    return Intervention("skip", tuple(groups), sublayers=subs, select=select)
 
 
 def inject(layer: int) -> Intervention:
