@@ -34,7 +34,6 @@ from embedlens.compress import cost as _cost
 from embedlens.compress import interventions as iv
 from embedlens.compress.conditions import Variant, parse_conditions
 from embedlens.compress.plan import TokenGroups
-from embedlens.compress.spec import resolve_groups
 
 from .backend import Answer, GenerationRequest
 
@@ -56,21 +55,7 @@ def target_count(groups: TokenGroups, variant: Variant, plan) -> int:
         return int(plan.n_removed)
     if not intervention.groups:
         return len(groups.label)
-    return int(selected(groups, intervention.groups, getattr(intervention, "select", "membership")).sum())
-
-
-def selected(groups: TokenGroups, names: Sequence[str], select: str = "membership") -> np.ndarray:
-    """(n_visual,) bool: the visual tokens of the groups `names` (labels or aliases) under the
-    selection rule: ``membership`` = any anchor of the group among the token's top-k (alive =
-    in no group), ``label`` = the token's exclusive label is one of them."""
-    labels = resolve_groups(names)
-    if select == "label":
-        return np.isin(np.asarray(groups.label, dtype=object), sorted(labels))
-    member = {g: np.asarray(groups.member.get(g, np.zeros(len(groups.label), bool)), dtype=bool) for g in GROUPS}
-    out = np.zeros(len(groups.label), dtype=bool)
-    for g in labels:
-        out |= ~np.any(list(member.values()), axis=0) if g == "alive" else member[g]
-    return out
+    return int(groups.select(intervention.groups, intervention.select).sum())
 
 
 class InterventionBackend:
@@ -303,4 +288,4 @@ def from_model_args(model_dir: str, vocab: str, anchors: str | None = None, anch
     return backend
 
 
-__all__ = ["GROUPS", "InterventionBackend", "from_model_args", "load_anchors", "selected", "target_count"]
+__all__ = ["GROUPS", "InterventionBackend", "from_model_args", "load_anchors", "target_count"]
