@@ -287,3 +287,19 @@ def test_standins_are_deterministic_and_in_the_hub_layout(run, tmp_path):
     mme = run["docs"]["mme"]
     assert set(mme["question_id"].value_counts()) == {2} and set(mme["answer"]) == {"Yes", "No"}
     assert all(len(a) == 10 for a in run["docs"]["textvqa"]["answers"])
+
+
+def test_standins_cli_and_task_spec_errors(tmp_path):
+    import json
+
+    from embedlens.cli import main
+
+    assert main(["standins", "--name", "mme", "--n-images", "2", "--seed", "7", "--out", str(tmp_path / "mme")]) == 0
+    rec = json.loads((tmp_path / "mme" / "standin.json").read_text())
+    assert (rec["task"], rec["split"], rec["n_docs"]) == ("mme", "test", 4)
+    spec = TaskSpec.from_config({"name": "m", "task": "mme", "standin": "mme"}, standin_dir=tmp_path)
+    assert spec.path == str(tmp_path / "mme") and spec.headline == "mme_perception_score"
+    with pytest.raises(ValueError, match="path or standin"):
+        TaskSpec.from_config({"name": "m", "task": "mme", "standin": "mme", "path": "x"})
+    with pytest.raises(KeyError, match="lacks 'task'"):
+        TaskSpec.from_config({"name": "m"})
