@@ -183,6 +183,15 @@ def cmd_benchmark(args) -> int:
     return 0
 
 
+def cmd_standins(args) -> int:
+    from .bench.standins import write_standin
+
+    rec = write_standin(args.name, args.out, n_images=args.n_images, seed=args.seed)
+    print(f"{args.out}: {rec['name']} stand-in for lmms-eval task {rec['task']} ({rec['split']}), "
+          f"{rec['n_docs']} documents on {rec['n_images']} images")
+    return 0
+
+
 # ---------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     from .config import DEFAULTS  # the schema's defaults: spelled once
@@ -328,6 +337,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model-name", default=None)
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_benchmark)
+    standins = DEFAULTS["benchmarks"]["standins"]
+    s = sub.add_parser("standins", help="write a small benchmark stand-in (POPE, MME, ...) in the hub layout")
+    s.add_argument("--name", required=True, choices=sorted(standins["n_images"]))
+    s.add_argument("--seed", type=int, default=standins["seed"])
+    s.add_argument("--n-images", type=int, default=None,
+                   help="images (default: benchmarks.standins.n_images of the stand-in)")
+    s.add_argument("--out", required=True, help="the stand-in folder, e.g. results/benchmarks/data/pope")
+    s.set_defaults(func=cmd_standins)
     return p
 
 
@@ -339,6 +356,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return report.main(argv)
     args = build_parser().parse_args(argv)
+    if getattr(args, "step", None) == "standins" and args.n_images is None:
+        from .config import DEFAULTS
+
+        args.n_images = DEFAULTS["benchmarks"]["standins"]["n_images"][args.name]
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from .config import ConfigError
