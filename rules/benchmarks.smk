@@ -19,3 +19,32 @@ rule build_standins:
     shell:
         "embedlens standins --name {wildcards.task} --seed {params.seed} "
         "--n-images {params.n_images} --out {output} > {log} 2>&1"
+
+
+# The paper's benchmarks under every intervention (docs/methods.md §4): one job per model
+# (the tasks' own images, not a configured data set), its anchors from discover_anchors.
+rule run_benchmarks:
+    input:
+        model=model_input,
+        vocab="results/hidden/{model}/vocab.zarr",
+        anchors="results/analysis/{model}/anchors",
+        data=benchmark_data,
+        align=benchmark_align,
+    output:
+        directory("results/analysis/{model}/benchmarks"),
+    params:
+        model_dir=lambda wc: model_dir(wc.model),
+        tasks=lambda wc: json.dumps(benchmark_specs(), sort_keys=True),
+        settings=benchmark_settings,
+        align=lambda wc, input: f"--align {input.align}" if input.align else "",
+        trust=trust_flag,
+    resources:
+        gpu=lambda wc: uses_gpu(wc.model),
+    log:
+        "logs/run_benchmarks/{model}.log",
+    conda:
+        "../envs/benchmarks.yaml"
+    shell:
+        "embedlens benchmark --model-dir {params.model_dir:q} {params.trust} --vocab {input.vocab} "
+        "--anchors-dir {input.anchors} {params.align} --tasks {params.tasks:q} "
+        "--settings {params.settings:q} --model-name {wildcards.model} --out {output} > {log} 2>&1"

@@ -191,6 +191,7 @@ def analysis_paths(model, dataset):
         "text_states": f"{base}/text_states",
         "align": f"{base}/align",
         "compress": f"{base}/compress",
+        "benchmarks": f"results/analysis/{model}/benchmarks",
     }
 
 
@@ -198,7 +199,49 @@ def report_inputs(wc):
     files = {"template": TEMPLATES["report"], **analysis_paths(wc.model, wc.dataset)}
     if not has_vqa(wc.dataset):
         del files["compress"]
+    if not runs_benchmarks(wc.model):
+        del files["benchmarks"]
     return files
+
+
+def runs_benchmarks(model):
+    """Whether the standard benchmarks run for a model (benchmarks.models; default: all)."""
+    chosen = CFG["benchmarks"].get("models")
+    return chosen is None or model in chosen
+
+
+def benchmark_specs():
+    """benchmarks.tasks with every stand-in resolved to its built folder."""
+    return [dict(t) for t in CFG["benchmarks"]["tasks"]]
+
+
+def benchmark_data(wc):
+    """The stand-in folders the tasks read (built by build_standins); real data is the user's."""
+    return sorted({f"results/benchmarks/data/{t['standin']}" for t in benchmark_specs() if t.get("standin")})
+
+
+def benchmark_align(wc):
+    """The first data set of the model that has an alignment (for inject at the best-aligned
+    layer), when benchmarks.use_best_aligned_layer is on; known from the config alone."""
+    if not CFG["benchmarks"]["use_best_aligned_layer"]:
+        return []
+    ds = model_datasets(wc.model)
+    return [f"results/analysis/{wc.model}/{ds[0]}/align"] if ds else []
+
+
+def benchmark_settings(wc):
+    """The benchmark step's settings: the benchmarks section's run keys, the categorize
+    neighbour settings (the groups of benchmark images use the same rule), the model's
+    configured anchors, device/dtype/preprocess of its extraction."""
+    b = CFG["benchmarks"]
+    cat = step_settings(CFG, wc.model, "categorize")
+    ex = extraction(wc.model)
+    return json.dumps({
+        **{k: b[k] for k in ("conditions", "seeds", "n_bootstrap", "bootstrap_seed", "batch_size")},
+        **{k: cat[k] for k in ("top_k", "exclude_special", "exclude_ids", "include_ids")},
+        "anchors": MODELS[wc.model].get("anchors", {}),
+        "device": ex["device"], "dtype": ex["compute_dtype"], "preprocess": ex["preprocess"],
+    }, sort_keys=True)
 
 
 def model_id(model):
@@ -242,6 +285,7 @@ def report_parameters(wc):
         "text_states_dir": paths["text_states"],
         "align_dir": paths["align"],
         "compress_dir": paths["compress"] if has_vqa(wc.dataset) else None,
+        "benchmarks_dir": paths["benchmarks"] if runs_benchmarks(wc.model) else None,
         "n_sample_images": CFG["report"]["n_sample_images"],
         "n_sample_patches": CFG["report"]["n_sample_patches"],
     }, sort_keys=True)
@@ -260,5 +304,6 @@ def summary_entries(wc):
             "align_dir": paths["align"],
             "probe_dir": paths["probe"],
             "compress_dir": paths["compress"] if has_vqa(dataset) else None,
+            "benchmarks_dir": paths["benchmarks"] if runs_benchmarks(model) else None,
         })
     return json.dumps(entries, sort_keys=True)

@@ -175,7 +175,7 @@ def cmd_benchmark(args) -> int:
     from .bench.steps import benchmarks_step
 
     table = benchmarks_step(args.model_dir, args.vocab, args.tasks, args.out, args.settings,
-                            anchors_dir=args.anchors_dir, model=args.model_name,
+                            anchors_dir=args.anchors_dir, align_dir=args.align, model=args.model_name,
                             trust_remote_code=args.trust_remote_code)
     from .report.sections.benchmarks import paper_table
 
@@ -331,12 +331,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--trust-remote-code", action="store_true")
     s.add_argument("--vocab", required=True, help="the model's vocab.zarr")
     s.add_argument("--anchors-dir", default=None, help="the model's anchors step directory (its anchor ids)")
+    s.add_argument("--align", default=None, help="an align output directory (inject at its best layer)")
     s.add_argument("--tasks", type=_json_arg, required=True,
                    help="config.yaml benchmarks.tasks as JSON (each with a local data path)")
     s.add_argument("--settings", type=_json_arg, default={}, help="run settings, JSON (see run_benchmarks)")
     s.add_argument("--model-name", default=None)
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_benchmark)
+
     standins = DEFAULTS["benchmarks"]["standins"]
     s = sub.add_parser("standins", help="write a small benchmark stand-in (POPE, MME, ...) in the hub layout")
     s.add_argument("--name", required=True, choices=sorted(standins["n_images"]))

@@ -132,7 +132,7 @@ def run_benchmarks(
     if not any(c.get("op") == "baseline" for c in conds):
         conds = [{"name": "baseline", "op": "baseline"}, *conds]
     variants = _order(parse_conditions(conds, N, seeds))
-    lmm = EmbedLensLMM(backend=backend)
+    lmm = EmbedLensLMM(backend=backend, batch_size=batch_size)
 
     runs: dict[tuple[str, int | None], dict] = {}
     skipped: set[str] = set()
@@ -148,7 +148,6 @@ def run_benchmarks(
             log.info("%s: no target token on any image: not run (nothing removed)", v.name)
             continue
         backend.set_variant(v)
-        lmm.answer_info.clear()
         if cuda:
             torch.cuda.reset_peak_memory_stats(backend.device)
         results = harness.evaluate(lmm, tasks)
@@ -160,15 +159,15 @@ def run_benchmarks(
                 score_rows.append({"condition": v.name, "seed": v.seed, "task": spec.name, "metric": metric,
                                    "value": _float(value)})
             items = res.items.copy()
-            info = pd.DataFrame([lmm.answer_info.get((spec.task, int(d)), {}) for d in items["doc_id"]],
-                                index=items.index)
-            metric_cols = [c for c in items.columns if c not in ("doc_id", "cluster", "prediction", "target")]
+            info = pd.DataFrame(list(items["info"]), index=items.index)
+            metric_cols = [c for c in items.columns if c not in ("doc_id", "cluster", "prediction", "target", "info")]
             items["metrics"] = [json.dumps({c: row[c] for c in metric_cols}, default=str)
                                 for _, row in items.iterrows()]
-            items = items.drop(columns=metric_cols)
+            items = items.drop(columns=[*metric_cols, "info"])
             items["target"] = items["target"].map(lambda t: json.dumps(t, default=str))
             item_frames.append(pd.concat([items.assign(condition=v.name, op=v.op, seed=v.seed, task=spec.name),
-                                          info.drop(columns=[c for c in ("condition", "seed") if c in info])], axis=1))
+                                          info.drop(columns=[c for c in ("condition", "seed") if c in info])],
+                                         axis=1))
 
     table = _table(variants, tasks, runs, skipped, item_frames, n_bootstrap, bootstrap_seed)
     out = Path(out_dir)
@@ -197,7 +196,7 @@ def run_benchmarks(
         "files": dict(OUTPUT_FILES),
         "anchors": used_anchors, "num_layers": N, "best_aligned_layer": best_aligned_layer,
         "conditions": [v.name for v in variants], "nothing_removed": sorted(skipped),
-        "headline": {spec.name: spec.metric for spec in tasks},
+        "headline": {spec.name: spec.headline for spec in tasks},
         "transformers_version": transformers.__version__, "torch_version": torch.__version__,
     })
     write_json(summary, out / OUTPUT_FILES["summary"])
@@ -230,22 +229,23 @@ def _table(variants, tasks, runs, skipped, item_frames, n_bootstrap, bootstrap_s
                   "select": getattr(v0.intervention, "select", "membership"), "n_seeds": len(vs),
                   "params": json.dumps(v0.condition, sort_keys=True, default=str)}
         for spec in tasks:
-            row = {**common, "task": spec.name, "metric": spec.metric}
+            metric = spec.headline
+            row = {**common, "task": spec.name, "metric": metric}
             if name in skipped:
                 rows.append({**row, "status": NOTHING_REMOVED, "score": float("nan"), "score_sd": float("nan"),
                              "delta": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"),
                              "p_value": float("nan"), "target_tokens": 0.0})
                 continue
             res = [runs[v.key]["results"][spec.name] for v in vs]
-            per_seed = [_float(r.scores.get(spec.metric)) for r in res]
+            per_seed = [_float(r.scores.get(metric)) for r in res]
             base = runs[base_key]["results"][spec.name]
-            agg = [Aggregate(lambda rows, r=r: r.aggregate(spec.metric, rows), r.items["cluster"].tolist())
+            agg = [Aggregate(lambda rows, r=r, m=metric: r.aggregate(m, rows), r.items["cluster"].tolist())
                    for r in res]
             if v0.op == "baseline":
                 st = {"delta": 0.0, "ci_low": float("nan"), "ci_high": float("nan"), "p_value": float("nan"),
                       "n_clusters": len(agg[0].rows)}
             else:
-                base_agg = Aggregate(lambda rows: base.aggregate(spec.metric, rows), base.items["cluster"].tolist())
+                base_agg = Aggregate(lambda rows, b=base, m=metric: b.aggregate(m, rows), base.items["cluster"].tolist())
                 st = paired_cluster_bootstrap(base_agg, agg, n_draws=n_bootstrap, seed=bootstrap_seed)
             sub = items[(items["condition"] == name) & (items["task"] == spec.name)] if len(items) else items
             rows.append({**row, "status": OK, "score": float(np.mean(per_seed)),
