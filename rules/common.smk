@@ -211,7 +211,7 @@ def runs_benchmarks(model):
 
 
 def benchmark_specs():
-    """benchmarks.tasks with every stand-in resolved to its built folder."""
+    """benchmarks.tasks as config.yaml gives them (a `standin:` entry reads results/benchmarks/data/<name>)."""
     return [dict(t) for t in CFG["benchmarks"]["tasks"]]
 
 
