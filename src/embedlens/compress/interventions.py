@@ -173,7 +173,8 @@ def _pad_stack(rows: list[torch.Tensor], length: int, value=0) -> torch.Tensor:
 def _assemble(seqs: Sequence[TokenSequence], plans: Sequence[Plan], device, dtype) -> AssembledBatch:
     subl = {p.sublayers for p in plans}
     absl = {p.absent_layers for p in plans}
-    if len(subl) > 1 or len(absl) > 1:
+    knl = {(p.knock_edges, p.knock_layers) for p in plans}
+    if len(subl) > 1 or len(absl) > 1 or len(knl) > 1:
         raise ValueError("all sequences of a batch must share the intervention's layer choice")
     index = [p.keep.nonzero().flatten() for p in plans]
     T = max(int(i.shape[0]) for i in index)
@@ -213,8 +214,16 @@ def _assemble(seqs: Sequence[TokenSequence], plans: Sequence[Plan], device, dtyp
         for b, (s, idx) in enumerate(zip(seqs, index)):
             # an unpacked row is one branch-free prompt: everything -1 (plain causal)
             branch[b, : idx.shape[0]] = s.branch[idx].to(device) if s.branch is not None else -1
+    knock_keys = knock_text = None
+    if plans[0].knock_edges:
+        knock_keys = torch.zeros(B, T, dtype=torch.bool, device=device)
+        knock_text = torch.zeros(B, T, dtype=torch.bool, device=device)
+        for b, (p, idx) in enumerate(zip(plans, index)):
+            knock_keys[b, : idx.shape[0]] = p.knock_keys[idx].to(device)
+            knock_text[b, : idx.shape[0]] = p.knock_text[idx].to(device)
     return AssembledBatch(embeds, am, position_ids, fields, index, skip, absent,
-                          plans[0].sublayers, plans[0].absent_layers, branch)
+                          plans[0].sublayers, plans[0].absent_layers, branch,
+                          knock_keys, knock_text, plans[0].knock_edges, plans[0].knock_layers)
 
 
 @dataclass
