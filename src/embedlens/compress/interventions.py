@@ -24,7 +24,13 @@ called in the standard transformers way, plus
   absent from layer ``L`` on (their last state is never read again);
 * **forward pre-hooks restricting every layer's attention mask** for sequences built by
   :func:`pack_choices` (several answers after one copy of the prompt, each answer seeing
-  only the prompt and itself: prefix sharing for scoring without a KV cache).
+  only the prompt and itself: prefix sharing for scoring without a KV cache), and on the
+  layers of a ``knockout`` (visual->visual and/or text->visual attention edges cut; also the
+  layer-0 cut of ``skip(..., reference_layer0=True)``);
+* ``prune_inject`` composes the rebuild (prune its groups) with the token subsets of
+  ``inject`` (the remaining visual tokens bypass layers ``< layer``).
+
+Greedy generation with a KV cache under the same interventions is in :mod:`.generate`.
 
 The decoder, its layers and their ``self_attn``/``mlp`` sublayers, the image token id and
 the attention implementation come from `embedlens.models.parts` (the same lookup as
@@ -51,7 +57,8 @@ naming the class.
 
 Limits
 ------
-* Prefill only: one complete forward per sequence, no KV cache.
+* Here, prefill only: one complete forward per sequence, no KV cache (cached decoding:
+  :mod:`.generate`).
 * One intervention per pass (the plan/forward machinery composes a rebuild with skip or
   absent tokens, but conditions name a single op).
 * Sliding-window layers (Gemma 3, Mistral with a window): a rebuilt sequence (``prune``)
@@ -92,6 +99,7 @@ from .sequences import (  # noqa: F401 - re-exported
     packing_is_exact,
 )
 from .spec import (  # noqa: F401 - re-exported
+    EDGES,
     GROUP_ALIASES,
     LABELS,
     OPS,
@@ -101,7 +109,9 @@ from .spec import (  # noqa: F401 - re-exported
     exit_at,
     inject,
     keep,
+    knockout,
     prune,
+    prune_inject,
     random_matched,
     resolve_groups,
     skip,
