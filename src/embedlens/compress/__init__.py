@@ -2,9 +2,12 @@
 multiple-choice VQA accuracy under them, and their cost.
 
 * :mod:`.interventions` — hook-based ``prune``/``keep``/``random_matched``/``skip``/
-  ``inject``/``exit`` on any supported transformers VLM, and answer scoring (built from
+  ``inject``/``exit``/``knockout``/``prune_inject`` on any supported transformers VLM, and
+  answer scoring (built from
   :mod:`.spec`, :mod:`.sequences`, :mod:`.plan` and :mod:`.hooks`; model access through
   :mod:`embedlens.models`);
+* :mod:`.generate` — greedy generation under an intervention, KV-cached (or re-prefilled,
+  the reference);
 * :mod:`.cost` — theoretical prefill FLOPs, measured latency and peak memory;
 * :mod:`.benchmark` — :func:`run_compress` over condition dicts from ``config.yaml``.
 """
@@ -18,7 +21,9 @@ from .spec import (
     exit_at,
     inject,
     keep,
+    knockout,
     prune,
+    prune_inject,
     random_matched,
     skip,
 )
@@ -32,8 +37,10 @@ __all__ = [
     "exit_at",
     "inject",
     "keep",
+    "knockout",
     "parse_conditions",
     "prune",
+    "prune_inject",
     "random_matched",
     "run_compress",
     "skip",

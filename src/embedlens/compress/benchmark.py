@@ -11,6 +11,9 @@ Conditions are dicts as they appear in ``config.yaml``::
     {"op": "skip", "groups": ["alive"], "sublayers": [3, 3.5, 4]}      # explicit sublayers
     {"op": "inject", "layer": 4}
     {"op": "exit", "layer": 6}
+    {"op": "knockout", "edges": ["visual->visual", "text->visual"], "layers": [0, 8]}
+    {"op": "prune_inject", "groups": ["sinks", "dead"], "layer": 4}
+    {"op": "skip", "groups": ["visual"], "sublayers": "attn", "layers": [0, 1], "reference_layer0": true}
 
 ``groups``: token groups (``vit_sink``, ``llm_sink``, ``dead``, ``alive``) or the aliases
 ``sink``/``sinks`` and ``visual``/``all``. A group holds the tokens with an anchor id of the

@@ -20,9 +20,11 @@ _CONDITION_KEYS = {
     "prune": {"name", "op", "groups", "select"},
     "keep": {"name", "op", "groups", "select"},
     "random_matched": {"name", "op", "groups", "seeds", "select"},
-    "skip": {"name", "op", "groups", "sublayers", "layers", "select"},
+    "skip": {"name", "op", "groups", "sublayers", "layers", "select", "reference_layer0"},
     "inject": {"name", "op", "layer", "groups", "select"},
     "exit": {"name", "op", "layer", "groups", "select"},
+    "knockout": {"name", "op", "edges", "layers"},
+    "prune_inject": {"name", "op", "groups", "layer", "select"},
 }
 SINKS = ["vit_sink", "llm_sink"]
 #: The named condition lists of :func:`default_conditions` (``compress.conditions`` may name one).
@@ -173,7 +175,17 @@ def _default_name(c: dict, op: str) -> str:
         sub = c.get("sublayers", "both")
         sub = sub if isinstance(sub, str) else "custom"
         lay = c.get("layers")
-        return f"skip_{sub}_{g or 'visual'}" + (f"_L{lay[0]}-{lay[1]}" if isinstance(lay, (list, tuple)) else "")
+        ref0 = "_ref0" if c.get("reference_layer0") else ""
+        return (f"skip_{sub}_{g or 'visual'}" + (f"_L{lay[0]}-{lay[1]}" if isinstance(lay, (list, tuple)) else "")
+                + ref0)
+    if op == "knockout":
+        e = c.get("edges")
+        e = [e] if isinstance(e, str) else list(e or [])
+        lay = c.get("layers")
+        return ("knockout_" + "_".join(x.split("->")[0][0] + "2" + x.split("->")[1][0] for x in e)
+                + (f"_L{lay[0]}-{lay[1]}" if isinstance(lay, (list, tuple)) else ""))
+    if op == "prune_inject":
+        return f"prune_{g}_inject_L{c.get('layer')}"
     return f"{op}_L{c.get('layer')}"
 
 
@@ -194,7 +206,7 @@ def parse_conditions(conditions: Sequence[dict], num_layers: int, seeds: Iterabl
             raise ValueError(f"{where}: unknown key(s) {sorted(unknown)} for op {op!r}; "
                              f"allowed: {sorted(_CONDITION_KEYS[op])}")
         groups = c.get("groups")
-        if op in ("prune", "keep", "random_matched") and not groups:
+        if op in ("prune", "keep", "random_matched", "prune_inject") and not groups:
             raise ValueError(f"{where}: op {op!r} needs a non-empty 'groups' list")
         if groups is not None:
             if isinstance(groups, str) or not all(isinstance(g, str) for g in groups):
@@ -226,6 +238,18 @@ def _layer_arg(value, N: int, op: str) -> int:
     return L
 
 
+def _layer_range(lay, N: int) -> tuple[int, int]:
+    """``layers: [start, stop)`` (negative = from the end) or ``"all"`` -> (start, stop)."""
+    if lay == "all":
+        lay = [0, N]
+    if not (isinstance(lay, (list, tuple)) and len(lay) == 2):
+        raise ValueError(f"'layers' must be [start, stop) or 'all', got {lay!r}")
+    a, b = (int(x) + N if int(x) < 0 else int(x) for x in lay)
+    if not 0 <= a < b <= N:
+        raise ValueError(f"'layers' [{lay[0]}, {lay[1]}) must satisfy 0 <= start < stop <= {N}")
+    return a, b
+
+
 def _variants(c: dict, op: str, name: str, N: int, groups: tuple, seeds) -> list[Variant]:
     cond = dict(c, name=name)
     sel = c.get("select", "membership")
@@ -244,18 +268,25 @@ def _variants(c: dict, op: str, name: str, N: int, groups: tuple, seeds) -> list
             raise ValueError(f"'seeds' must be a non-empty list of distinct integers, got {ss!r}")
         cond["seeds"] = ss  # the seeds actually used, for the params column
         return [Variant(name, op, cond, iv.random_matched(groups, s, sel), seed=s, n_seeds=len(ss)) for s in ss]
+    if op == "knockout":
+        edges = c.get("edges")
+        edges = [edges] if isinstance(edges, str) else edges
+        if not edges or not isinstance(edges, (list, tuple)) or not all(isinstance(e, str) for e in edges):
+            raise ValueError(f"'edges' must be one or a list of {', '.join(iv.EDGES)}, got {c.get('edges')!r}")
+        a, b = _layer_range(c.get("layers", [0, N]), N)
+        return [Variant(name, op, cond, iv.knockout(edges, (a, b)))]
+    if op == "prune_inject":
+        if "layer" not in c:
+            raise ValueError("op 'prune_inject' needs 'layer'")
+        return [Variant(name, op, cond, iv.prune_inject(groups, _layer_arg(c["layer"], N, op), select=sel))]
     if op == "skip":
         g = groups or ("visual",)
         sub = c.get("sublayers", "both")
+        ref0 = c.get("reference_layer0", False)
+        if not isinstance(ref0, bool):
+            raise ValueError(f"'reference_layer0' must be true or false, got {ref0!r}")
         if isinstance(sub, str):
-            lay = c.get("layers", [0, N])
-            if lay == "all":
-                lay = [0, N]
-            if not (isinstance(lay, (list, tuple)) and len(lay) == 2):
-                raise ValueError(f"'layers' must be [start, stop) or 'all', got {lay!r}")
-            a, b = (int(x) + N if int(x) < 0 else int(x) for x in lay)
-            if not 0 <= a < b <= N:
-                raise ValueError(f"'layers' [{lay[0]}, {lay[1]}) must satisfy 0 <= start < stop <= {N}")
+            a, b = _layer_range(c.get("layers", [0, N]), N)
             subl = iv.sublayers_for(sub, range(a, b))
         else:
             if "layers" in c:
@@ -265,7 +296,7 @@ def _variants(c: dict, op: str, name: str, N: int, groups: tuple, seeds) -> list
             if bad or not subl:
                 raise ValueError(f"sublayers {bad or sub!r}: use n (attention of layer n) or n + 0.5 "
                                  f"(its MLP) with 0 <= n < {N}")
-        return [Variant(name, op, cond, iv.skip(g, subl, sel))]
+        return [Variant(name, op, cond, iv.skip(g, subl, sel, reference_layer0=ref0))]
     # inject / exit
     if "layer" not in c:
         raise ValueError(f"op {op!r} needs 'layer'")

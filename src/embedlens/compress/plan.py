@@ -2,8 +2,10 @@
 positions (docs/methods.md §4). Which visual tokens a group holds comes from
 :class:`TokenGroups` (membership or exclusive label, the intervention's ``select``). Pruning/keeping/random_matched remove tokens before layer 0
 (``keep``), ``skip`` zeroes sublayer updates (``skip`` + ``sublayers``), ``inject``/``exit``
-leave tokens out of some layers (``absent`` + ``absent_layers``); :mod:`.hooks` and
-:func:`.interventions.forward` carry the masks out.
+leave tokens out of some layers (``absent`` + ``absent_layers``), ``prune_inject`` does both,
+``knockout`` (and ``skip(..., reference_layer0=True)``) hides keys from some queries in some
+layers (``knock_*``); :mod:`.hooks`, :func:`.interventions.forward` and
+:func:`.generate.generate` carry the masks out.
 """
 
 from __future__ import annotations
@@ -151,7 +153,12 @@ class Plan:
 
     ``keep``: tokens present in the rebuilt input sequence; ``skip``: tokens whose
     residual updates are zeroed at ``sublayers``; ``absent``: tokens left out of the
-    decoder layers in ``absent_layers``.
+    decoder layers in ``absent_layers``; ``knock_keys`` / ``knock_text``: in the layers
+    ``knock_layers``, for each edge of ``knock_edges``, ``"visual->visual"``: a
+    ``knock_keys`` query cannot attend another ``knock_keys`` key, ``"text->visual"``: a
+    ``knock_text`` query (text after the first visual token) cannot attend a ``knock_keys``
+    key. ``intervention`` / ``token_groups``: what :func:`plan_for` was called with (so a
+    longer sequence, e.g. prompt + generated tokens, can be planned the same way).
     """
 
     keep: torch.Tensor
@@ -161,6 +168,12 @@ class Plan:
     absent_layers: frozenset[int] = frozenset()
     n_visual: int = 0
     n_removed: int = 0
+    knock_keys: torch.Tensor | None = None
+    knock_text: torch.Tensor | None = None
+    knock_edges: tuple[str, ...] = ()
+    knock_layers: frozenset[int] = frozenset()
+    intervention: Intervention | None = None
+    token_groups: object = None
 
     def visual_per_layer(self, num_layers: int, visual: torch.Tensor) -> list[int]:
         v = int((visual & self.keep).sum())
@@ -188,6 +201,17 @@ def random_matched_removal(labels: TokenGroups | Sequence[str], groups: Iterable
         return np.zeros(0, dtype=np.int64)  # fixes the reference's "delete everything"
     pick = _rng_for(seed, image_id).choice(comp.size, size=min(n, comp.size), replace=False)
     return np.sort(comp[pick])
+
+
+def _knock(plan: Plan, seq: TokenSequence, sel: torch.Tensor, edges, layers: Iterable[int]) -> None:
+    """Fill the knockout fields of `plan`: keys `sel` (S,), queries as :class:`Plan` says."""
+    S = len(seq)
+    text_after = torch.zeros(S, dtype=torch.bool, device=sel.device)
+    if seq.n_visual:
+        text_after[int(seq.visual_pos.min()) + 1:] = True
+        text_after[seq.visual_pos] = False
+    plan.knock_keys, plan.knock_text = sel.clone(), text_after
+    plan.knock_edges, plan.knock_layers = tuple(edges), frozenset(int(n) for n in layers)
 
 
 def plan_for(seq: TokenSequence, groups: TokenGroups | Sequence[str], iv: Intervention,
@@ -231,6 +255,21 @@ def plan_for(seq: TokenSequence, groups: TokenGroups | Sequence[str], iv: Interv
             raise ValueError(f"skip: sublayers {bad} beyond the model's {num_layers} layers")
         plan.skip = sel
         plan.sublayers = iv.sublayers
+        if iv.reference_layer0 and 0.0 in iv.sublayers:
+            _knock(plan, seq, sel, ("text->visual",), [0])
+    elif iv.op == "knockout":
+        a, b = iv.layer_range if iv.layer_range is not None else (0, num_layers)
+        if b > num_layers:
+            raise ValueError(f"knockout layers [{a}, {b}) beyond the model's {num_layers} layers")
+        _knock(plan, seq, sel, iv.edges, range(a, b))
+    elif iv.op == "prune_inject":
+        if iv.layer > num_layers:
+            raise ValueError(f"prune_inject({iv.layer}): the model has {num_layers} decoder layers")
+        keep &= ~sel
+        visual = torch.zeros(S, dtype=torch.bool, device=dev)
+        visual[seq.visual_pos] = True
+        plan.absent = visual & keep
+        plan.absent_layers = frozenset(range(0, iv.layer))
     elif iv.op in ("inject", "exit"):
         if iv.layer > num_layers:
             raise ValueError(f"{iv.op}({iv.layer}): the model has {num_layers} decoder layers")
@@ -238,6 +277,7 @@ def plan_for(seq: TokenSequence, groups: TokenGroups | Sequence[str], iv: Interv
         plan.absent = sel
         plan.absent_layers = frozenset(layers)
     plan.n_removed = int((~keep).sum())
+    plan.intervention, plan.token_groups = iv, tg
     return plan
 
 
@@ -255,3 +295,7 @@ class AssembledBatch:
     sublayers: tuple[float, ...]
     absent_layers: frozenset[int]
     branch: torch.Tensor | None = None  # (B, T); -2 on padding
+    knock_keys: torch.Tensor | None = None  # (B, T)
+    knock_text: torch.Tensor | None = None  # (B, T)
+    knock_edges: tuple[str, ...] = ()
+    knock_layers: frozenset[int] = frozenset()
