@@ -47,6 +47,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2, help="prompts per generate call (different images)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--conditions", default=",".join(c["name"] for c in CONDITIONS),
+                    help="comma-separated names among: " + ", ".join(c["name"] for c in CONDITIONS))
+    ap.add_argument("--warmup", type=int, default=1, help="untimed runs of each mode per condition")
     args = ap.parse_args()
 
     from embedlens import vqa
@@ -74,7 +77,11 @@ def main() -> None:
         seqs.append(iv.capture_sequence(model, {key: v.to(dev) for key, v in inputs.items()}, f"img{k}"))
     rng = np.random.default_rng(0)
     labels = [list(rng.choice(iv.LABELS, s.n_visual, p=[0.05, 0.05, 0.4, 0.5])) for s in seqs]
-    conds = [dict(c, layer=N // 2) if c.get("layer") == "mid" else c for c in CONDITIONS]
+    chosen = args.conditions.split(",")
+    unknown = set(chosen) - {c["name"] for c in CONDITIONS}
+    if unknown:
+        ap.error(f"unknown conditions {sorted(unknown)}")
+    conds = [dict(c, layer=N // 2) if c.get("layer") == "mid" else c for c in CONDITIONS if c["name"] in chosen]
     variants = parse_conditions(conds, N)
     sync = torch.cuda.synchronize if str(dev).startswith("cuda") else (lambda: None)
 
@@ -88,13 +95,14 @@ def main() -> None:
 
     print(f"model {model_dir}  device {dev}  dtype {args.dtype}  decoder layers {N}  batch {args.batch}  "
           f"prompt tokens {[len(s) for s in seqs]} (visual {seqs[0].n_visual})  new tokens {args.new_tokens}  "
-          f"repeats {args.repeats} (+1 warm-up)  torch threads {torch.get_num_threads()}  "
+          f"repeats {args.repeats} (+{args.warmup} warm-up)  torch threads {torch.get_num_threads()}  "
           f"cores {os.cpu_count()}  load {os.getloadavg()[0]:.1f}")
     print(f"{'condition':<24}{'cached s':>10}{'re-prefill s':>14}{'speed-up':>10}  "
           f"{'cached prefill/decode s':>24}  same tokens")
     ratios = []
     for v in variants:
-        run(v, True), run(v, False)  # warm-up
+        for _ in range(args.warmup):
+            run(v, True), run(v, False)
         tc, tr = [], []
         for _ in range(args.repeats):
             t, gc = run(v, True)

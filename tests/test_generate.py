@@ -200,3 +200,35 @@ def test_new_ops_plan_and_parse():
                 {"op": "skip", "reference_layer0": "yes"}, {"op": "inject", "layer": 1, "reference_layer0": True}):
         with pytest.raises(ValueError, match="compress condition #0"):
             parse_conditions([bad], 4)
+
+
+def test_new_ops_in_the_log_likelihood_benchmark_path(models):
+    """The compress benchmark scores choices packed after one prompt (pack_choices): under
+    the new ops the packed scores equal one sequence per choice, so run_compress can run
+    them; and each op changes the scores."""
+    from embedlens import vqa
+
+    model, (prompt, _), (labels, _) = _prompts("llava", models)
+    _, _, processor, _ = models("llava")
+    answers = vqa.choice_token_ids(processor, ["red", "big square", "cyan yellow"], " ")
+    N = len(iv.decoder_layers(model))
+    packed, want, targets = iv.pack_choices(model, prompt, answers)
+
+    def scores(x):
+        res = iv.forward(model, [packed], [iv.plan_for(packed, labels, x, N)], [torch.cat(want)])
+        got = [iv.answer_logprob(p, t) for p, t in zip(torch.split(res.logits[0], [len(t) for t in targets]), targets)]
+        ref = []
+        for a in answers:
+            s = iv.append_text(model, prompt, a)
+            out = iv.forward(model, [s], [iv.plan_for(s, labels, x, N)], [torch.arange(len(prompt) - 1, len(s) - 1)])
+            ref.append(iv.answer_logprob(out.logits[0], torch.tensor(a)))
+        np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0, err_msg=x.describe())
+        return np.array(got)
+
+    base = scores(iv.baseline())
+    for x in (iv.knockout(["visual->visual", "text->visual"], (0, 1)), iv.prune_inject(["dead"], 1),
+              iv.skip(["visual"], [0.0], reference_layer0=True)):
+        assert np.abs(scores(x) - base).max() > 1e-4, x.describe()
+    # the layer-0 flag itself matters: not the same as the plain layer-0 attention skip
+    plain = scores(iv.skip(["visual"], [0.0]))
+    assert np.abs(scores(iv.skip(["visual"], [0.0], reference_layer0=True)) - plain).max() > 1e-4
