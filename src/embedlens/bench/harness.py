@@ -11,7 +11,9 @@ bootstrap of the official formula, not of a re-implementation.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
 import math
 import tempfile
 from collections import Counter
@@ -24,7 +26,13 @@ from typing import Any
 import pandas as pd
 
 from embedlens.bench.lmms_model import EmbedLensLMM
-from embedlens.bench.tasks import TaskSpec, prepare, reset_accumulators, set_offline, task_manager
+from embedlens.bench.tasks import (
+    TaskSpec,
+    prepare,
+    reset_accumulators,
+    set_offline,
+    task_manager,
+)
 
 
 @dataclass
@@ -88,9 +96,25 @@ class TaskResult:
         if not values:
             return float("nan")
         _reset(fn)
-        if "args" in inspect.signature(fn).parameters:
-            return fn(values, args=_cli_args(self.output_dir))
-        return fn(values)
+        # Official aggregations print or log their result (RefCOCO prints, MME logs each
+        # category): silent here, because a bootstrap calls them thousands of times.
+        with _quiet():
+            if "args" in inspect.signature(fn).parameters:
+                return fn(values, args=_cli_args(self.output_dir))
+            return fn(values)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """stdout and lmms-eval's loguru logger silenced for the block."""
+    from loguru import logger
+
+    logger.disable("lmms_eval")
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        logger.enable("lmms_eval")
 
 
 def _reset(fn: Callable) -> None:
