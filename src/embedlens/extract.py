@@ -27,9 +27,11 @@ from .store import (
     ShardWriter,
     StoreOverflowError,
     atomic_directory,
+    check_states,
     model_attrs,
     write_vocab,
 )
+from .store_writer import BackgroundWriter
 
 log = logging.getLogger("embedlens.extract")
 
@@ -211,9 +213,25 @@ def _forward_one_by_one(adapter, dataset, chunk, images, settings, llm_layers, v
     return outputs
 
 
-def _run_batches(adapter, dataset, indices, llm_layers, vision_layers, settings, writer,
+_TORCH_STORE_DTYPES = {np.dtype("float16"): torch.float16, np.dtype("float32"): torch.float32}
+
+
+def _host_states(image_id: str, hid, writer: ShardWriter):
+    """An image's states checked where they were computed, cast to the store dtype there and
+    copied to the host: (llm (layer, token, dim), vision or None) numpy arrays.
+
+    On a GPU this moves only the stored bytes (float16: half of float32) and leaves the
+    checks (one flag per layer) to the device. Raises as `embedlens.store.check_states`."""
+    check_states(image_id, hid.llm, hid.vision, writer.layers, writer.vision_layers, writer.dtype)
+    dt = _TORCH_STORE_DTYPES[writer.dtype]
+    llm = hid.llm.to(dt).cpu().numpy()
+    vision = None if hid.vision is None else hid.vision.to(dt).cpu().numpy()
+    return llm, vision
+
+
+def _run_batches(adapter, dataset, indices, llm_layers, vision_layers, settings, writer: BackgroundWriter,
                  progress: bool, check_batch: bool) -> _Run:
-    """Forward images in batches and write them in order.
+    """Forward images in batches and hand them, in order, to the background ``writer``.
 
     Out of memory (any device) halves the batch size and retries; any other error is
     attributed to an image by re-running the batch one image at a time: that image is
@@ -248,15 +266,16 @@ def _run_batches(adapter, dataset, indices, llm_layers, vision_layers, settings,
         for image_id, hid in zip(ids, outputs):
             if hid is None:
                 continue
-            vision = None if hid.vision is None else hid.vision.float().cpu().numpy()
-            writer.append(image_id, hid.llm.float().cpu().numpy(), vision,
+            llm, vision = _host_states(image_id, hid, writer.writer)
+            # queued: the thread writes it while the next batch is computed
+            writer.submit(image_id, llm, vision,
                           np.asarray(hid.patch_row), np.asarray(hid.patch_col), tuple(hid.grid),
                           vision_to_llm=None if hid.vision is None else np.asarray(hid.vision_to_llm),
-                          grid_known=hid.grid_known, layout_note=hid.layout_note)
+                          grid_known=hid.grid_known, layout_note=hid.layout_note, checked=True)
         pos += len(chunk)
         bar.update(len(chunk))
     bar.close()
-    if writer.n_written == 0:
+    if writer.n_submitted == 0:
         raise RuntimeError(f"no image of {dataset.path} [{indices[0]}, {indices[-1] + 1}) could be "
                            f"extracted (first reason: {run.skipped[0]['reason']}): this is not a bad "
                            "image but a model/processor problem")
@@ -340,17 +359,19 @@ def extract_shard(model_dir: str | Path, dataset_dir: str | Path, out: str | Pat
                 writer = ShardWriter(tmp, n_images=len(indices), layers=llm_layers,
                                      vision_layers=vision_layers, dtype=store_dtype,
                                      attrs={**attrs, "store_dtype_requested": settings.store_dtype})
-                run = _run_batches(adapter, dataset, indices, llm_layers, vision_layers,
-                                   settings, writer, progress, check_batch)
-                writer.attrs.update({
-                    "final_batch_size": run.batch_size,
-                    "batch_backoffs": run.backoffs,
-                    "batch_check": run.batch_check,
-                    "skipped_images": run.skipped,
-                    "compute_dtype_used": compute_dtype,
-                    "extraction_notes": notes,
-                })
-                writer.close()
+                # the thread stops (with block) before atomic_directory removes tmp on an error
+                with BackgroundWriter(writer, shard=out) as background:
+                    run = _run_batches(adapter, dataset, indices, llm_layers, vision_layers,
+                                       settings, background, progress, check_batch)
+                    writer.attrs.update({
+                        "final_batch_size": run.batch_size,
+                        "batch_backoffs": run.backoffs,
+                        "batch_check": run.batch_check,
+                        "skipped_images": run.skipped,
+                        "compute_dtype_used": compute_dtype,
+                        "extraction_notes": notes,
+                    })
+                    background.close()
             return Path(out)
         except StoreOverflowError as exc:
             if store_dtype == "float32":
