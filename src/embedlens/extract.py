@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import platform
 import dataclasses
 from dataclasses import dataclass, replace
@@ -20,6 +21,7 @@ from tqdm.auto import tqdm
 from .config import settings_hash
 from .datasets import load_dataset
 from .datasets.images import BadImageError
+from .models.loading import placement
 from .models.preprocess import PREPROCESS
 from .runtime import free_cached_memory, is_out_of_memory, resolve_device
 from .store import (
@@ -59,6 +61,13 @@ class ExtractSettings:
     on_bad_image: str = "fail"
     #: re-run one image of the first batch alone to prove batching does not change states
     check_batch: bool = True
+    #: a model larger than one GPU: accelerate's device_map ("auto", "balanced", ...) spreads
+    #: it over every device the job holds (`embedlens.devices`); None: one device. Placement
+    #: only, so not part of `identity`
+    device_map: str | None = None
+    #: "8bit" / "4bit" bitsandbytes weights (CUDA only); quantized weights change the stored
+    #: values, so it is part of `identity` (when set)
+    quantization: str | None = None
 
     @classmethod
     def from_config(cls, section: dict | None = None, **runtime) -> "ExtractSettings":
@@ -86,12 +95,15 @@ class ExtractSettings:
 
         ``preprocess`` is there only when it is not "native": the identity (and settings
         hash) of a native store is the one stores had before the option existed, so their
-        caches stay valid; a reader takes a missing ``preprocess`` as "native"."""
+        caches stay valid; a reader takes a missing ``preprocess`` as "native". The same for
+        ``quantization`` (absent: the checkpoint's weights)."""
         out = {"layers": self.layers, "vision_layers": list(self.vision_layers),
                "compute_dtype": self.compute_dtype, "store_dtype": self.store_dtype,
                "prompt": self.prompt}
         if self.preprocess != "native":
             out["preprocess"] = self.preprocess
+        if self.quantization is not None:  # absent = full-precision weights, as before the option
+            out["quantization"] = self.quantization
         return out
 
 
@@ -282,6 +294,15 @@ def _run_batches(adapter, dataset, indices, llm_layers, vision_layers, settings,
     return run
 
 
+def _load(adapter_cls, model_dir, dtype: str, device: str, settings: ExtractSettings, trust_remote_code: bool):
+    """The model as the settings ask (dtype, device or device_map, quantization)."""
+    adapter = adapter_cls.load(str(model_dir), dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                               device_map=settings.device_map, quantization=settings.quantization)
+    adapter.truncate = settings.truncate
+    adapter.preprocess = settings.preprocess
+    return adapter
+
+
 def _fallback_dtype(device) -> str:
     """The dtype to retry in after float16 overflowed: bfloat16 (float32's range) where the
     device computes it natively, else float32 (bf16 on a CPU without AVX-512 is 7-75x slower)."""
@@ -324,10 +345,7 @@ def extract_shard(model_dir: str | Path, dataset_dir: str | Path, out: str | Pat
         raise ValueError(f"extraction.preprocess must be one of {list(PREPROCESS)}, got {settings.preprocess!r}")
     device = resolve_device(settings.device)
     compute_dtype = settings.compute_dtype
-    adapter = VLMAdapter.load(str(model_dir), dtype=compute_dtype, device=device,
-                              trust_remote_code=trust_remote_code)
-    adapter.truncate = settings.truncate
-    adapter.preprocess = settings.preprocess
+    adapter = _load(VLMAdapter, model_dir, compute_dtype, device, settings, trust_remote_code)
     llm_layers = resolve_layers(settings.layers, adapter.num_layers + 1)
     vision_layers = list(settings.vision_layers)
     # Before any work: an architecture without a findable vision tower / layer list fails
@@ -344,6 +362,10 @@ def extract_shard(model_dir: str | Path, dataset_dir: str | Path, out: str | Pat
         "settings": settings.identity(),
         "settings_hash": settings_hash(settings.identity()),
         "device": device,
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES") if device.startswith("cuda") else None,
+        "device_map": settings.device_map,
+        "model_placement": placement(adapter.model),
+        "quantization": settings.quantization,
         "python_version": platform.python_version(),
         # model_path, num_layers, final_norm_applied_to_last_layer (the analyses read these two
         # to place layers and the logit lens), transformers/torch_version, and model_<key>
@@ -391,10 +413,7 @@ def extract_shard(model_dir: str | Path, dataset_dir: str | Path, out: str | Pat
             compute_dtype = _fallback_dtype(device)
             log.warning("%s in float16; recomputing this shard in %s", exc, compute_dtype)
             notes.append(f"float16 gave non-finite states ({exc}); recomputed in {compute_dtype}")
-            adapter = VLMAdapter.load(str(model_dir), dtype=compute_dtype, device=device,
-                                      trust_remote_code=trust_remote_code)
-            adapter.truncate = settings.truncate
-            adapter.preprocess = settings.preprocess
+            adapter = _load(VLMAdapter, model_dir, compute_dtype, device, settings, trust_remote_code)
         except BatchDependenceError as exc:
             log.warning("%s; extracting this shard one image at a time", exc)
             notes.append(f"batch dependence detected ({exc}); extracted with batch size 1")
