@@ -364,7 +364,7 @@ def extract_shard(model_dir: str | Path, dataset_dir: str | Path, out: str | Pat
         "device": device,
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES") if device.startswith("cuda") else None,
         "device_map": settings.device_map,
-        "model_placement": placement(adapter.model),
+        "model_placement": placement(adapter.model) if settings.device_map else None,
         "quantization": settings.quantization,
         "python_version": platform.python_version(),
         # model_path, num_layers, final_norm_applied_to_last_layer (the analyses read these two

@@ -128,7 +128,7 @@ SHARD_ATTRS = {
     "settings_hash": "hash of settings", "device": "device of the forward pass",
     "cuda_visible_devices": "the GPU(s) the job held (embedlens.devices; CUDA_VISIBLE_DEVICES); null off CUDA",
     "device_map": "extraction.device_map: how the model was spread over GPUs (null: one device)",
-    "model_placement": "modules per device of a model loaded with a device_map (null: one device)",
+    "model_placement": "parameter tensors per device of a model loaded with a device_map (null: no device_map)",
     "quantization": "extraction.quantization: 8bit/4bit bitsandbytes weights, null for the checkpoint's; "
     "quantized weights change the stored values (part of settings and settings_hash when set)",
     "python_version": "Python version", "final_batch_size": "batch size at the end of the shard",

@@ -271,13 +271,11 @@ def _require_accelerate() -> None:
                            "project's environment, or set device_map: null to load onto one device")
 
 
-def placement(model: torch.nn.Module) -> dict | None:
-    """Where a model loaded with a ``device_map`` put its modules: ``{device: n_modules}``
-    (None for a model on one device). For the store's provenance. Raises nothing."""
-    mapping = getattr(model, "hf_device_map", None)
-    if not mapping:
-        return None
+def placement(model: torch.nn.Module) -> dict[str, int]:
+    """Where a model's weights are: ``{device: number of parameter tensors}`` (for the store's
+    provenance of a model loaded with a ``device_map``; accelerate's own ``hf_device_map``
+    is absent when the map puts everything on one device). Raises nothing."""
     out: dict[str, int] = {}
-    for dev in mapping.values():
-        out[str(dev)] = out.get(str(dev), 0) + 1
+    for p in model.parameters():
+        out[str(p.device)] = out.get(str(p.device), 0) + 1
     return out
