@@ -68,12 +68,14 @@ def raw_write(root: Path, images: list[np.ndarray], n: int) -> float:
 
 
 def store_write(root: Path, images: list[np.ndarray], n: int, *, compute_s: float = 0.0,
-                background: bool = True, max_pending: int = 2) -> float:
-    """Seconds to write n images through the extraction's writer (and fsync), the producer
-    spending `compute_s` per image before handing it over."""
+                background: bool = True, max_pending: int = 2, fsync: bool = True) -> tuple[float, float]:
+    """(wall seconds, seconds spent writing) for n images through the extraction's writer
+    (and an fsync of them), the producer spending `compute_s` per image before handing it
+    over."""
     final = root / "shard-0000.zarr"
     n_tok = images[0].shape[1]
     rows, cols = np.arange(n_tok) // 24, np.arange(n_tok) % 24
+    inline = 0.0
     t = time.perf_counter()
     with atomic_directory(final) as tmp:
         writer = ShardWriter(tmp, n_images=n, layers=list(range(images[0].shape[0])), vision_layers=[],
@@ -86,12 +88,15 @@ def store_write(root: Path, images: list[np.ndarray], n: int, *, compute_s: floa
                 if background:
                     bw.submit(*args, checked=True)
                 else:
+                    t1 = time.perf_counter()
                     writer.append(*args, checked=True)
+                    inline += time.perf_counter() - t1
             bw.close()
-        _fsync_tree(tmp)
+        if fsync:
+            _fsync_tree(tmp)
     dt = time.perf_counter() - t
     shutil.rmtree(final)
-    return dt
+    return dt, bw.seconds_writing + inline
 
 
 def main(argv=None) -> int:
@@ -114,18 +119,23 @@ def main(argv=None) -> int:
         print(f"{n} images of {images[0].shape} {args.dtype} = {images[0].nbytes / 1e6:.0f} MB each, "
               f"{nbytes / 1e9:.2f} GB per run, in {root}")
         raw = min(raw_write(root, images, n) for _ in range(args.repeat))
-        store = min(store_write(root, images, n, max_pending=args.max_pending) for _ in range(args.repeat))
-        print(f"raw sequential write : {nbytes / raw / 1e6:7.0f} MB/s ({raw:.2f} s)")
-        print(f"store (background)   : {nbytes / store / 1e6:7.0f} MB/s ({store:.2f} s)  "
+        store = min(store_write(root, images, n, max_pending=args.max_pending)[0] for _ in range(args.repeat))
+        print(f"raw sequential write : {nbytes / raw / 1e6:7.0f} MB/s ({raw:.2f} s, fsync included)")
+        print(f"store (background)   : {nbytes / store / 1e6:7.0f} MB/s ({store:.2f} s, fsync included)  "
               f"= {raw / store:.2f}x raw (goal >= 0.7)")
-        per_image = store / n  # compute as long as a write: the case where overlap matters most
+        # Overlap: without the final fsync (the page cache absorbs the writes, as it does in
+        # an extraction); compute per image = the writer's time per image (measured first),
+        # the case where overlap matters most. Hidden share from one run's own numbers.
+        _, writing = store_write(root, images, n, max_pending=args.max_pending, fsync=False)
+        per_image = writing / n
         compute = per_image * n
         for name, background in (("background writer", True), ("inline writer", False)):
-            wall = min(store_write(root, images, n, compute_s=per_image, background=background,
-                                   max_pending=args.max_pending) for _ in range(args.repeat))
-            hidden = (compute + store - wall) / min(compute, store)
-            print(f"overlap, {name:17s}: compute {compute:.2f} s + write {store:.2f} s in {wall:.2f} s wall "
-                  f"-> {max(0.0, hidden):.2f} of the write hidden" + (" (goal >= 0.9)" if background else ""))
+            runs = [store_write(root, images, n, compute_s=per_image, background=background,
+                                max_pending=args.max_pending, fsync=False) for _ in range(args.repeat)]
+            wall, write = min(runs)
+            hidden = (compute + write - wall) / min(compute, write)
+            print(f"overlap, {name:17s}: compute {compute:.2f} s + writing {write:.2f} s in {wall:.2f} s wall "
+                  f"-> {max(0.0, hidden):.2f} of the smaller hidden" + (" (goal >= 0.9)" if background else ""))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return 0

@@ -394,6 +394,9 @@ def extract_shard(model_dir: str | Path, dataset_dir: str | Path, out: str | Pat
                         "extraction_notes": notes,
                     })
                     background.close()
+                    log.info("%s: %d images written in %.1f s by the background writer; the forward "
+                             "passes waited %.1f s for it", out, background.n_submitted,
+                             background.seconds_writing, background.seconds_waiting)
             return Path(out)
         except StoreOverflowError as exc:
             if store_dtype == "float32":

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from pathlib import Path
 
 from .store import NonFiniteError, ShardWriter, StoreOverflowError
@@ -76,6 +77,10 @@ class BackgroundWriter:
         self._abandon = threading.Event()
         #: images handed to `submit` so far
         self.n_submitted = 0
+        #: seconds the thread spent writing, and the producer spent waiting for room in the
+        #: queue (the part of the writes that the computation did not hide)
+        self.seconds_writing = 0.0
+        self.seconds_waiting = 0.0
         self._closed = False
         self._thread = threading.Thread(target=self._work, name=f"shard-writer:{Path(self.shard).name}",
                                         daemon=True)
@@ -90,10 +95,12 @@ class BackgroundWriter:
                     return
                 if self._error is None and not self._abandon.is_set():
                     args, kw = item
+                    t = time.perf_counter()
                     try:
                         self.writer.append(*args, **kw)
                     except BaseException as exc:  # noqa: BLE001 - handed to the main thread
                         self._error = (args[0], exc)
+                    self.seconds_writing += time.perf_counter() - t
             finally:
                 self._queue.task_done()
 
@@ -118,7 +125,9 @@ class BackgroundWriter:
         if self._closed:
             raise RuntimeError(f"shard {self.shard}: submit after close")
         self._raise_if_failed()
+        t = time.perf_counter()
         self._queue.put(((image_id, llm, vision, patch_row, patch_col, grid), kw))
+        self.seconds_waiting += time.perf_counter() - t
         self.n_submitted += 1
 
     def flush(self) -> None:
