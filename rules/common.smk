@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 from embedlens.config import ConfigError, config_hash, normalize, step_settings, validate
+from embedlens.devices import visible_devices
 
 try:
     validate(config, "config.yaml")
@@ -109,6 +110,8 @@ def extraction_identity(model):
     ex = extraction(model)
     keys = ("layers", "vision_layers", "compute_dtype", "store_dtype", "prompt")
     extra = {"preprocess": ex["preprocess"]} if ex["preprocess"] != "native" else {}
+    if ex["quantization"] is not None:  # quantized weights change the values
+        extra["quantization"] = ex["quantization"]
     return json.dumps({**{k: ex[k] for k in keys}, **extra}, sort_keys=True)
 
 
@@ -118,6 +121,26 @@ def uses_gpu(model):
         return 1
     # 'auto': a cheap check that does not import torch at planning time.
     return int(device == "auto" and shutil.which("nvidia-smi") is not None)
+
+
+def extract_gpus(model):
+    """GPUs an extraction job holds: 1, or every visible one for a model spread by device_map."""
+    if not uses_gpu(model):
+        return 0
+    return max(1, len(VISIBLE_GPUS)) if extraction(model)["device_map"] else 1
+
+
+def _gpu_resource():
+    """Locally, as many GPU jobs at once as there are visible GPUs (each job takes its own
+    through embedlens.devices), unless `--resources gpu=N` (or a profile) says otherwise.
+    A cluster executor (a job limit, `_nodes`) is left alone: the scheduler places GPUs."""
+    if "gpu" in workflow.global_resources or workflow.global_resources["_nodes"].value is not None:
+        return
+    workflow.register_resource("gpu", max(1, len(VISIBLE_GPUS)))
+
+
+VISIBLE_GPUS = visible_devices()
+_gpu_resource()
 
 
 def dataset_meta(dataset):

@@ -8,6 +8,7 @@ Heavy imports (torch, transformers) happen inside the step that needs them, so
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -51,15 +52,27 @@ def cmd_export_vocab(args) -> int:
     return 0
 
 
-def cmd_extract(args) -> int:
-    from .extract import ExtractSettings, extract_shard
+def _own_devices(device: str | None, count: int = 1):
+    """A GPU job's own device(s) (`embedlens.devices.assigned_devices`) for ``device`` auto or
+    cuda, taken before CUDA starts; a CPU job takes none."""
+    from .devices import assigned_devices, wants_cuda
 
-    settings = ExtractSettings.from_config(args.settings, device=args.device, batch_size=args.batch_size,
-                                           on_bad_image=args.on_bad_image)
-    out = extract_shard(args.model_dir, args.dataset_dir, args.out, start=args.start,
-                        stop=args.stop, settings=settings, model_name=args.model_name,
-                        trust_remote_code=args.trust_remote_code,
-                        progress=not args.no_progress)
+    return assigned_devices(count) if wants_cuda(device) else contextlib.nullcontext([])
+
+
+def cmd_extract(args) -> int:
+    settings_in = dict(args.settings)
+    if args.device_map:
+        settings_in["device_map"] = args.device_map
+    with _own_devices(args.device, count=10**6 if settings_in.get("device_map") else 1):
+        from .extract import ExtractSettings, extract_shard
+
+        settings = ExtractSettings.from_config(settings_in, device=args.device, batch_size=args.batch_size,
+                                               on_bad_image=args.on_bad_image)
+        out = extract_shard(args.model_dir, args.dataset_dir, args.out, start=args.start,
+                            stop=args.stop, settings=settings, model_name=args.model_name,
+                            trust_remote_code=args.trust_remote_code,
+                            progress=not args.no_progress)
     print(f"{out}: done")
     return 0
 
@@ -165,8 +178,9 @@ def cmd_align(args) -> int:
 def cmd_compress(args) -> int:
     from .compress.steps import compress_step
 
-    table = compress_step(args.model_dir, args.dataset_dir, args.categories, args.out, args.settings,
-                          align_dir=args.align, trust_remote_code=args.trust_remote_code)
+    with _own_devices((args.settings or {}).get("device", "auto")):
+        table = compress_step(args.model_dir, args.dataset_dir, args.categories, args.out, args.settings,
+                              align_dir=args.align, trust_remote_code=args.trust_remote_code)
     print(table.to_string(max_rows=60))
     return 0
 
@@ -228,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JSON: layers, vision_layers, compute_dtype, store_dtype, prompt")
     s.add_argument("--batch-size", type=int, default=DEFAULTS["extraction"]["batch_size"])
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default=DEFAULTS["extraction"]["device"])
+    s.add_argument("--device-map", default=DEFAULTS["extraction"]["device_map"],
+                   help="spread the model over every GPU the job holds (accelerate: auto, balanced, ...)")
     s.add_argument("--trust-remote-code", action="store_true")
     s.add_argument("--on-bad-image", choices=["fail", "skip"], default=DEFAULTS["on_bad_image"],
                    help="an image the model rejects: fail naming it, or skip and list it in the store")
