@@ -203,7 +203,7 @@ def _assemble(seqs: Sequence[TokenSequence], plans: Sequence[Plan], device, dtyp
     d = seqs[0].embeds.shape[-1]
     embeds = torch.zeros(B, T, d, dtype=dtype, device=device)
     am = torch.zeros(B, T, dtype=torch.long, device=device)
-    skip = torch.zeros(B, T, dtype=torch.bool, device=device)
+    skip_rows = torch.zeros(B, T, dtype=torch.bool, device=device)
     absent = torch.zeros(B, T, dtype=torch.bool, device=device)
     pos_rows, field_rows = [], {k: [] for k in seqs[0].fields}
     R = {s.position_ids.shape[0] for s in seqs}
@@ -213,7 +213,7 @@ def _assemble(seqs: Sequence[TokenSequence], plans: Sequence[Plan], device, dtyp
         n = int(idx.shape[0])
         embeds[b, :n] = s.embeds[idx].to(device=device, dtype=dtype)
         am[b, :n] = 1
-        skip[b, :n] = p.skip[idx].to(device)
+        skip_rows[b, :n] = p.skip[idx].to(device)
         if p.absent is not None:
             absent[b, :n] = p.absent[idx].to(device)
         pos = s.position_ids[:, idx].to(device)
@@ -242,7 +242,7 @@ def _assemble(seqs: Sequence[TokenSequence], plans: Sequence[Plan], device, dtyp
         for b, (p, idx) in enumerate(zip(plans, index)):
             knock_keys[b, : idx.shape[0]] = p.knock_keys[idx].to(device)
             knock_text[b, : idx.shape[0]] = p.knock_text[idx].to(device)
-    return AssembledBatch(embeds, am, position_ids, fields, index, skip, absent,
+    return AssembledBatch(embeds, am, position_ids, fields, index, skip_rows, absent,
                           plans[0].sublayers, plans[0].absent_layers, branch,
                           knock_keys, knock_text, plans[0].knock_edges, plans[0].knock_layers)
 
