@@ -261,7 +261,7 @@ def benchmark_settings(wc):
     ex = extraction(wc.model)
     return json.dumps({
         **{k: b[k] for k in ("conditions", "seeds", "n_bootstrap", "bootstrap_seed", "batch_size")},
-        **{k: cat[k] for k in ("top_k", "exclude_special", "exclude_ids", "include_ids")},
+        **{k: cat[k] for k in ("top_k", "exclude_special", "exclude_ids", "include_ids") if k in cat},
         "anchors": MODELS[wc.model].get("anchors", {}),
         "device": ex["device"], "dtype": ex["compute_dtype"], "preprocess": ex["preprocess"],
     }, sort_keys=True)

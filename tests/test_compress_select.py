@@ -132,6 +132,37 @@ def test_planted_overlap_counts_membership_vs_label(llava):
     assert int(sk.skip.sum()) == 4
 
 
+def test_affected_counts_flag_what_changes_nothing(llava):
+    """The "nothing removed" count (Plan.visual_counts, shared by compress and benchmarks) is
+    what the plan changes, not the size of the named group: keep(alive) on an image whose
+    tokens are all alive, prune/skip of an empty group and exit(N) affect nothing; every
+    other op affects its tokens (knockout: every visual token's attention)."""
+    model, seq = _prompt(llava)
+    n, N = seq.n_visual, len(iv.decoder_layers(model))
+    visual = torch.zeros(len(seq), dtype=torch.bool)
+    visual[seq.visual_pos] = True
+    all_alive = TokenGroups.from_labels(["alive"] * n)
+    _, kinds = _planted_topk(n)
+    planted = TokenGroups.from_topk(_planted_topk(n)[0], ANCHORS)
+    cases = [  # (intervention, groups, kept, affected)
+        (iv.baseline(), all_alive, n, 0),
+        (iv.keep(["alive"]), all_alive, n, 0),
+        (iv.prune(["dead"]), all_alive, n, 0),
+        (iv.random_matched(["dead"], 0), all_alive, n, 0),
+        (iv.skip(["dead"], [0.5]), all_alive, n, 0),
+        (iv.exit(N), all_alive, n, 0),
+        (iv.keep(["alive"]), planted, len(kinds["alive"]), n - len(kinds["alive"])),
+        (iv.prune(["dead"]), planted, n - 9, 9),
+        (iv.skip(["visual"], [0.5]), all_alive, n, n),
+        (iv.exit(0), all_alive, 0, n),
+        (iv.inject(1), all_alive, n, n),
+        (iv.knockout("text->visual"), all_alive, n, n),
+    ]
+    for x, groups, kept, affected in cases:
+        plan = iv.plan_for(seq, groups, x, N)
+        assert plan.visual_counts(N, visual) == (kept, affected), x
+
+
 def test_from_topk_equals_apply_rule_on_random_tables():
     """TokenGroups.from_topk == categorize's apply_rule (label and every in_<group>) on random
     top-k tables over a small vocabulary (many overlaps), several anchors per group, a group

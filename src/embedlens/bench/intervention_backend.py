@@ -40,21 +40,22 @@ from .backend import Answer, GenerationRequest
 GROUPS = ("vit_sink", "llm_sink", "dead")
 
 
-def target_count(groups: TokenGroups, variant: Variant, plan) -> int:
-    """Visual tokens the condition acts on for one image: for random_matched the tokens it
-    deletes, else the tokens of its groups under its selection rule (``baseline``: 0; ops
-    on every visual token — inject, exit, skip/knockout of ``visual`` — all of them).
+def visual_mask(seq: iv.TokenSequence, device) -> torch.Tensor:
+    """(S,) bool: the visual positions of `seq`."""
+    visual = torch.zeros(len(seq), dtype=torch.bool, device=device)
+    visual[seq.visual_pos] = True
+    return visual
+
+
+def target_count(seq: iv.TokenSequence, plan, num_layers: int) -> int:
+    """Visual tokens the condition's plan affects in one image (deleted, skipped in a
+    sublayer, absent from a layer, attention cut: :meth:`Plan.visual_counts`, the count the
+    compress step uses too). ``keep(alive)`` when every token is alive, ``prune(dead)`` with
+    no dead token: 0.
 
     A condition whose target count is 0 on every image changes nothing: the benchmark flags
     it "nothing removed" instead of scoring it (docs/methods.md §4)."""
-    intervention = variant.intervention
-    if intervention.op == "baseline":
-        return 0
-    if intervention.op == "random_matched":
-        return int(plan.n_removed)
-    if not intervention.groups:
-        return len(groups.label)
-    return int(groups.select(intervention.groups, intervention.select).sum())
+    return plan.visual_counts(num_layers, visual_mask(seq, plan.keep.device))[1]
 
 
 class InterventionBackend:
@@ -177,7 +178,7 @@ class InterventionBackend:
         for r in requests:
             seq, groups = self.prepare(r)
             plan = iv.plan_for(seq, groups, variant.intervention, self.num_layers)
-            out.append(target_count(groups, variant, plan))
+            out.append(target_count(seq, plan, self.num_layers))
         return out
 
     def cached_targets_empty(self, variant: Variant) -> bool:
@@ -188,7 +189,7 @@ class InterventionBackend:
             return False
         for seq, groups in self._cache.values():
             plan = iv.plan_for(seq, groups, variant.intervention, self.num_layers)
-            if target_count(groups, variant, plan):
+            if target_count(seq, plan, self.num_layers):
                 return False
         return True
 
@@ -212,8 +213,8 @@ class InterventionBackend:
                 answers.append(Answer(text=text, info={
                     "condition": self.variant.name, "seed": self.variant.seed,
                     "visual_tokens": seq.n_visual,
-                    "target_tokens": target_count(groups, self.variant, plan),
-                    "tokens_kept": _tokens_kept(seq, plan, self.num_layers),
+                    "target_tokens": target_count(seq, plan, self.num_layers),
+                    "tokens_kept": plan.visual_counts(self.num_layers, visual_mask(seq, plan.keep.device))[0],
                     "flops": _cost.prefill_flops(self.shape, plan),
                     "flops_baseline": _cost.prefill_flops(
                         self.shape, iv.plan_for(seq, groups, base, self.num_layers)),
@@ -222,17 +223,6 @@ class InterventionBackend:
                     "prefill_seconds": gen.prefill_seconds, "decode_seconds": gen.decode_seconds,
                 }))
         return answers
-
-
-def _tokens_kept(seq: iv.TokenSequence, plan, num_layers: int) -> int:
-    """Visual tokens that take part in at least one decoder layer (a token absent from every
-    layer, e.g. ``exit(0)``, is not kept)."""
-    visual = torch.zeros(len(seq), dtype=torch.bool, device=plan.keep.device)
-    visual[seq.visual_pos] = True
-    kept = visual & plan.keep
-    if plan.absent is not None and len(plan.absent_layers) == num_layers:
-        kept &= ~plan.absent
-    return int(kept.sum())
 
 
 def load_anchors(anchors_dir=None, configured: Mapping[str, Sequence[int]] | None = None) -> dict[str, list[int]]:

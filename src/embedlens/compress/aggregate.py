@@ -23,7 +23,7 @@ from .conditions import Variant
 
 #: Ops that act on a target set of visual tokens; a condition of one of them whose target set
 #: is empty in every image is flagged ``nothing_removed`` (its Δ is not a result).
-TARGETED_OPS = ("prune", "keep", "random_matched", "skip", "inject", "exit", "prune_inject")
+TARGETED_OPS = ("prune", "keep", "random_matched", "skip", "inject", "exit", "prune_inject", "knockout")
 #: Per-item columns averaged over the seeds of a random control.
 _ITEM_MEANS = ("correct", "n_choices", "visual_tokens", "tokens_kept", "visual_tokens_per_layer", "flops",
                "flops_baseline", "n_affected")

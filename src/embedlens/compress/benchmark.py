@@ -183,16 +183,8 @@ def _visual_stats(prompt: iv.TokenSequence, plan: iv.Plan, N: int) -> tuple[int,
     visual = torch.zeros(len(prompt), dtype=torch.bool, device=plan.keep.device)
     visual[prompt.visual_pos] = True
     per_layer = plan.visual_per_layer(N, visual)
-    kept = visual & plan.keep
-    if plan.absent is not None and len(plan.absent_layers) == N:
-        kept &= ~plan.absent
-    affected = ~plan.keep
-    if plan.sublayers:
-        affected = affected | plan.skip
-    if plan.absent is not None and plan.absent_layers:
-        affected = affected | plan.absent
-    return (int(visual.sum()), int(kept.sum()), float(np.mean(per_layer)) if N else 0.0,
-            int((affected & visual).sum()))
+    n_kept, n_affected = plan.visual_counts(N, visual)
+    return int(visual.sum()), n_kept, float(np.mean(per_layer)) if N else 0.0, n_affected
 
 
 def run_compress(

@@ -175,6 +175,24 @@ class Plan:
     intervention: Intervention | None = None
     token_groups: object = None
 
+    def visual_counts(self, num_layers: int, visual: torch.Tensor) -> tuple[int, int]:
+        """(visual tokens kept, visual tokens affected) for the (S,) bool mask `visual` of
+        the visual positions. Kept: present in the input and in at least one decoder layer
+        (a token absent from every layer, e.g. ``exit(0)``, is not kept). Affected: deleted,
+        skipped in a sublayer, absent from a layer, or with attention edges cut. A condition
+        that affects no visual token of any image changed nothing ("nothing removed")."""
+        kept = visual & self.keep
+        if self.absent is not None and len(self.absent_layers) == num_layers:
+            kept = kept & ~self.absent
+        affected = ~self.keep
+        if self.sublayers:
+            affected = affected | self.skip
+        if self.absent is not None and self.absent_layers:
+            affected = affected | self.absent
+        if self.knock_keys is not None and self.knock_edges and self.knock_layers:
+            affected = affected | self.knock_keys
+        return int(kept.sum()), int((affected & visual).sum())
+
     def visual_per_layer(self, num_layers: int, visual: torch.Tensor) -> list[int]:
         v = int((visual & self.keep).sum())
         va = int((visual & self.keep & self.absent).sum()) if self.absent is not None else 0
