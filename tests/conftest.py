@@ -32,3 +32,21 @@ def tiny_model(tmp_path_factory):
         return built[arch]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def models(tiny_model):
+    """`models(arch)`: ``(path, model, processor, adapter)`` of the shared tiny `arch` model,
+    loaded once per test module for the intervention tests (a module's hooks and caches
+    stay in its own copy)."""
+    from embedlens.compress import interventions as iv
+
+    loaded = {}
+
+    def get(arch: str):
+        if arch not in loaded:
+            path = tiny_model(arch)
+            loaded[arch] = (path, *iv.load_model(path))
+        return loaded[arch]
+
+    return get

@@ -17,7 +17,7 @@ from PIL import Image
 from embedlens.compress import interventions as iv
 from embedlens.compress.benchmark import default_conditions, parse_conditions, run_compress, wilson_interval
 from embedlens.compress.cost import DecoderShape, layer_token_counts, prefill_flops
-from embedlens.testing.tiny import TINY_ARCHS as _ALL_ARCHS, build_tiny_model
+from embedlens.testing.tiny import TINY_ARCHS as _ALL_ARCHS
 
 # Qwen3-VL adds vision features inside the decoder (DeepStack), which the interventions
 # cannot replay yet: capture_sequence refuses it by name (test_deepstack_is_refused_by_name).
@@ -25,31 +25,6 @@ DEEPSTACK = ("qwen3_vl",)
 TINY_ARCHS = tuple(a for a in _ALL_ARCHS if a not in DEEPSTACK)
 
 ATOL = 1e-5
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny matrices: thread start-up dominates, and on a loaded 2-core machine two threads
-    # per op are ~40x slower than one. Restored afterwards.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    cache = {}
-
-    def get(arch):
-        if arch not in cache:
-            path = build_tiny_model(arch, root / arch, seed=0)
-            model, processor, adapter = iv.load_model(path)
-            cache[arch] = (path, model, processor, adapter)
-        return cache[arch]
-
-    return get
 
 
 def _image(seed: int, w: int, h: int) -> Image.Image:

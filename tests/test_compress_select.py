@@ -18,24 +18,13 @@ from embedlens.analysis.categorize import apply_rule
 from embedlens.compress import interventions as iv
 from embedlens.compress.conditions import PRESETS, default_conditions, paper_conditions, parse_conditions
 from embedlens.compress.plan import TokenGroups
-from embedlens.testing.tiny import build_tiny_model
 
 ANCHORS = {"vit_sink": [101], "llm_sink": [202], "dead": [303]}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
-def llava(tmp_path_factory):
-    path = build_tiny_model("llava", tmp_path_factory.mktemp("tiny") / "llava", seed=0)
-    model, processor, adapter = iv.load_model(path)
-    return path, model, processor, adapter
+def llava(models):
+    return models("llava")
 
 
 def _prompt(llava):

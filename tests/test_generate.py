@@ -14,31 +14,8 @@ from PIL import Image
 from embedlens.compress import interventions as iv
 from embedlens.compress.benchmark import parse_conditions
 from embedlens.compress.generate import generate
-from embedlens.testing.tiny import build_tiny_model
 
 NEW = 6  # new tokens per sequence: enough steps to exercise the cache, cheap
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices on a shared 2-core machine (see test_compress)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    cache = {}
-
-    def get(arch):
-        if arch not in cache:
-            path = build_tiny_model(arch, root / arch, seed=0)
-            cache[arch] = (path, *iv.load_model(path))
-        return cache[arch]
-
-    return get
 
 
 def _image(seed: int, w: int, h: int) -> Image.Image:
