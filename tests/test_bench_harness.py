@@ -19,7 +19,7 @@ from PIL import Image
 
 pytest.importorskip("lmms_eval")
 
-from embedlens.bench.standins import STANDINS, build_standins  # noqa: E402
+from embedlens.bench.standins import STANDINS, build_standins, write_standin  # noqa: E402
 from embedlens.bench.tasks import TaskSpec, whole_groups_limit  # noqa: E402
 
 SIZES = {"pope": 5, "mme": 5, "textvqa": 6, "mmstar": 6, "refcoco": 4}
@@ -303,3 +303,17 @@ def test_standins_cli_and_task_spec_errors(tmp_path):
         TaskSpec.from_config({"name": "m", "task": "mme", "standin": "mme", "path": "x"})
     with pytest.raises(KeyError, match="lacks 'task'"):
         TaskSpec.from_config({"name": "m"})
+
+
+def test_bad_task_specs_fail_before_the_model_loads(tmp_path):
+    """A missing data folder or an unknown task name is named before any model is loaded
+    (the model directory here does not even exist)."""
+    from embedlens.bench.run import run_benchmarks
+
+    write_standin("pope", tmp_path / "pope", n_images=1, seed=1)
+    bad = [(TaskSpec(name="p", task="pope", path=str(tmp_path / "missing")), FileNotFoundError, "missing does not exist"),
+           (TaskSpec(name="p", task="popee", path=str(tmp_path / "pope")), ValueError, "no task 'popee'")]
+    for spec, exc, msg in bad:
+        with pytest.raises(exc, match=msg):
+            run_benchmarks(tmp_path / "no-model", tmp_path / "no-vocab.zarr", [spec], tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

@@ -113,12 +113,16 @@ def run_benchmarks(
 
     from . import harness
     from .intervention_backend import InterventionBackend, load_anchors
+    from .tasks import check_spec, task_manager
     from .lmms_model import EmbedLensLMM
 
     t0 = time.perf_counter()
     tasks = list(tasks)
     if not tasks:
         raise ValueError("benchmarks: no task configured (config.yaml benchmarks.tasks)")
+    manager = task_manager(tasks)
+    for spec in tasks:  # before the model loads: a typo fails in seconds
+        check_spec(spec, manager)
     used_anchors = load_anchors(anchors_dir, anchors)
     backend = InterventionBackend(model_dir, vocab, used_anchors, top_k=top_k, exclude_special=exclude_special,
                                   exclude_ids=exclude_ids, include_ids=include_ids, device=device, dtype=dtype,

@@ -187,16 +187,15 @@ def _is_hub_id(path: str) -> bool:
     return path.count("/") == 1 and not path.startswith((".", "/", "~"))
 
 
-def build_task(spec: TaskSpec, manager=None):
-    """A fresh lmms-eval task object for ``spec`` (its data loaded, offline).
+def check_spec(spec: TaskSpec, manager=None):
+    """Check ``spec`` without loading its data (the benchmark step calls it for every task
+    before loading the model, so a typo fails in seconds). Returns the task manager.
 
     Raises:
         FileNotFoundError: ``path`` is neither an existing folder nor a hub id (``owner/name``).
         ValueError: the task is unknown to lmms-eval.
     """
     set_offline()
-    from lmms_eval.tasks import get_task_dict
-
     if spec.path and not Path(spec.path).exists() and not _is_hub_id(spec.path):
         raise FileNotFoundError(f"benchmarks.tasks[{spec.name}]: data path {spec.path} does not exist "
                                 "(a folder in the hub layout, or a hub id in the local Hugging Face cache; "
@@ -204,6 +203,17 @@ def build_task(spec: TaskSpec, manager=None):
     manager = manager or task_manager([spec])
     if spec.task not in manager.all_tasks:
         raise ValueError(f"benchmarks.tasks[{spec.name}]: lmms-eval 0.7.3 has no task {spec.task!r}")
+    return manager
+
+
+def build_task(spec: TaskSpec, manager=None):
+    """A fresh lmms-eval task object for ``spec`` (its data loaded, offline).
+
+    Raises: as :func:`check_spec`.
+    """
+    from lmms_eval.tasks import get_task_dict
+
+    manager = check_spec(spec, manager)
     tasks = get_task_dict([task_config(spec)], manager)
     task = tasks[spec.task]
     reset_accumulators(task)
