@@ -66,11 +66,17 @@ def _check_models():
 RESOLVED_MODEL_DIRS = _check_models()
 
 
-def mini_projector():
-    """The projector weights embedlens-mini is built with: committed, or retrained."""
-    if CFG["embedlens_mini"]["retrain"]:
-        return "resources/projector/embedlens-mini.safetensors"
-    return str(REPO / "src" / "embedlens" / "mini" / "projector.safetensors")
+def mini_weights():
+    """The weights embedlens-mini is built with (committed, or retrained under resources/),
+    by version: 1 = projector; 2 = projector + LoRA adapter (merged by the build)."""
+    mini = CFG["embedlens_mini"]
+    if mini["version"] == 2:
+        base = "resources/mini-v2" if mini["retrain"] else str(REPO / "src" / "embedlens" / "mini" / "v2")
+        return {"projector": f"{base}/projector.safetensors",
+                "adapter": f"{base}/adapter/adapter_model.safetensors"}
+    if mini["retrain"]:
+        return {"projector": "resources/projector/embedlens-mini.safetensors"}
+    return {"projector": str(REPO / "src" / "embedlens" / "mini" / "projector.safetensors")}
 
 
 def model_dir(model):
