@@ -72,6 +72,9 @@ def mini_weights():
     mini = CFG["embedlens_mini"]
     if mini["version"] == 2:
         base = "resources/mini-v2" if mini["retrain"] else str(REPO / "src" / "embedlens" / "mini" / "v2")
+        if not mini["retrain"] and not Path(base, "adapter", "adapter_model.safetensors").is_file():
+            raise WorkflowError(f"config.yaml: embedlens_mini.version: 2, but {base}/ holds no trained v2 "
+                                "weights; set embedlens_mini.retrain: true to train them, or use version: 1")
         return {"projector": f"{base}/projector.safetensors",
                 "adapter": f"{base}/adapter/adapter_model.safetensors"}
     if mini["retrain"]:
