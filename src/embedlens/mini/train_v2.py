@@ -373,10 +373,13 @@ def train_mini_v2_step(out_dir: Path | str, wheels: Path | str, data: Path | str
     """
     import tempfile
 
-    from .build import build_mini
+    from .build import DEFAULT_OUT_DIR, build_mini
     from .sources import fetch_sources
 
     objects = fetch_sources(data)
+    # the workflow's cache of converted towers, so the base assembles without converting again
+    parts_dir = DEFAULT_OUT_DIR.parent / f".{DEFAULT_OUT_DIR.name}-parts"
     with tempfile.TemporaryDirectory(prefix="embedlens-mini-base-") as tmp:
-        base = model_dir if model_dir is not None else build_mini(Path(tmp) / "embedlens-mini", wheels, version=1)
+        base = model_dir if model_dir is not None else build_mini(Path(tmp) / "embedlens-mini", wheels,
+                                                                  parts_dir=parts_dir, version=1)
         return train_mini_v2(base, out_dir, objects, **kwargs)
