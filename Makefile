@@ -11,6 +11,10 @@ LOCK   := envs/lock-py311.txt
 # A CPU wheel of this version is on the project machines; install it *first* so no
 # other package pulls an unpinned torch (several GB of CUDA packages).
 TORCH  ?= torch==2.13.0
+# lmms-eval (the benchmark harness) goes in with --no-deps *after* the project: its own
+# dependency list pulls a CUDA torch and a torchvision that breaks transformers' image
+# processors here; the few packages it needs are the project's dependencies.
+LMMS_EVAL := lmms-eval==0.7.3
 CORES  ?= all
 SNAKEMAKE_ARGS ?=
 
@@ -26,6 +30,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
 	$(VENV)/bin/python -m pip install -q -c $(LOCK) $(TORCH)
 	$(VENV)/bin/python -m pip install -q -c $(LOCK) -e ".[test,cluster]"
+	$(VENV)/bin/python -m pip install -q -c $(LOCK) --no-deps $(LMMS_EVAL)
 	@touch $(STAMP)
 
 # Re-resolve pyproject.toml in a new, empty venv (torch pinned first, as above) and write
@@ -35,6 +40,7 @@ lock:
 	.lock-venv/bin/python -m pip install -q --upgrade pip
 	.lock-venv/bin/python -m pip install -q $(TORCH)
 	.lock-venv/bin/python -m pip install -q -e ".[test,cluster]"
+	.lock-venv/bin/python -m pip install -q --no-deps $(LMMS_EVAL)
 	{ sed -n '/^#/p' $(LOCK); .lock-venv/bin/python -m pip freeze --exclude-editable | \
 	  grep -v '^embedlens' | sed -E 's/^torch==([0-9.]+)\+[a-z0-9]+$$/torch==\1/'; } > $(LOCK).new
 	mv $(LOCK).new $(LOCK) && rm -rf .lock-venv

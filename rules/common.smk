@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 from embedlens.config import ConfigError, config_hash, normalize, step_settings, validate
+from embedlens.devices import visible_devices
 
 try:
     validate(config, "config.yaml")
@@ -118,6 +119,8 @@ def extraction_identity(model):
     ex = extraction(model)
     keys = ("layers", "vision_layers", "compute_dtype", "store_dtype", "prompt")
     extra = {"preprocess": ex["preprocess"]} if ex["preprocess"] != "native" else {}
+    if ex["quantization"] is not None:  # quantized weights change the values
+        extra["quantization"] = ex["quantization"]
     return json.dumps({**{k: ex[k] for k in keys}, **extra}, sort_keys=True)
 
 
@@ -127,6 +130,26 @@ def uses_gpu(model):
         return 1
     # 'auto': a cheap check that does not import torch at planning time.
     return int(device == "auto" and shutil.which("nvidia-smi") is not None)
+
+
+def extract_gpus(model):
+    """GPUs an extraction job holds: 1, or every visible one for a model spread by device_map."""
+    if not uses_gpu(model):
+        return 0
+    return max(1, len(VISIBLE_GPUS)) if extraction(model)["device_map"] else 1
+
+
+def _gpu_resource():
+    """Locally, as many GPU jobs at once as there are visible GPUs (each job takes its own
+    through embedlens.devices), unless `--resources gpu=N` (or a profile) says otherwise.
+    A cluster executor (a job limit, `_nodes`) is left alone: the scheduler places GPUs."""
+    if "gpu" in workflow.global_resources or workflow.global_resources["_nodes"].value is not None:
+        return
+    workflow.register_resource("gpu", max(1, len(VISIBLE_GPUS)))
+
+
+VISIBLE_GPUS = visible_devices()
+_gpu_resource()
 
 
 def dataset_meta(dataset):
@@ -200,6 +223,7 @@ def analysis_paths(model, dataset):
         "text_states": f"{base}/text_states",
         "align": f"{base}/align",
         "compress": f"{base}/compress",
+        "benchmarks": f"results/analysis/{model}/benchmarks",
     }
 
 
@@ -207,7 +231,49 @@ def report_inputs(wc):
     files = {"template": TEMPLATES["report"], **analysis_paths(wc.model, wc.dataset)}
     if not has_vqa(wc.dataset):
         del files["compress"]
+    if not runs_benchmarks(wc.model):
+        del files["benchmarks"]
     return files
+
+
+def runs_benchmarks(model):
+    """Whether the standard benchmarks run for a model (benchmarks.models; default: all)."""
+    chosen = CFG["benchmarks"].get("models")
+    return chosen is None or model in chosen
+
+
+def benchmark_specs():
+    """benchmarks.tasks as config.yaml gives them (a `standin:` entry reads results/benchmarks/data/<name>)."""
+    return [dict(t) for t in CFG["benchmarks"]["tasks"]]
+
+
+def benchmark_data(wc):
+    """The stand-in folders the tasks read (built by build_standins); real data is the user's."""
+    return sorted({f"results/benchmarks/data/{t['standin']}" for t in benchmark_specs() if t.get("standin")})
+
+
+def benchmark_align(wc):
+    """The first data set of the model that has an alignment (for inject at the best-aligned
+    layer), when benchmarks.use_best_aligned_layer is on; known from the config alone."""
+    if not CFG["benchmarks"]["use_best_aligned_layer"]:
+        return []
+    ds = model_datasets(wc.model)
+    return [f"results/analysis/{wc.model}/{ds[0]}/align"] if ds else []
+
+
+def benchmark_settings(wc):
+    """The benchmark step's settings: the benchmarks section's run keys, the categorize
+    neighbour settings (the groups of benchmark images use the same rule), the model's
+    configured anchors, device/dtype/preprocess of its extraction."""
+    b = CFG["benchmarks"]
+    cat = step_settings(CFG, wc.model, "categorize")
+    ex = extraction(wc.model)
+    return json.dumps({
+        **{k: b[k] for k in ("conditions", "seeds", "n_bootstrap", "bootstrap_seed", "batch_size")},
+        **{k: cat[k] for k in ("top_k", "exclude_special", "exclude_ids", "include_ids") if k in cat},
+        "anchors": MODELS[wc.model].get("anchors", {}),
+        "device": ex["device"], "dtype": ex["compute_dtype"], "preprocess": ex["preprocess"],
+    }, sort_keys=True)
 
 
 def model_id(model):
@@ -251,6 +317,7 @@ def report_parameters(wc):
         "text_states_dir": paths["text_states"],
         "align_dir": paths["align"],
         "compress_dir": paths["compress"] if has_vqa(wc.dataset) else None,
+        "benchmarks_dir": paths["benchmarks"] if runs_benchmarks(wc.model) else None,
         "n_sample_images": CFG["report"]["n_sample_images"],
         "n_sample_patches": CFG["report"]["n_sample_patches"],
     }, sort_keys=True)
@@ -269,5 +336,6 @@ def summary_entries(wc):
             "align_dir": paths["align"],
             "probe_dir": paths["probe"],
             "compress_dir": paths["compress"] if has_vqa(dataset) else None,
+            "benchmarks_dir": paths["benchmarks"] if runs_benchmarks(model) else None,
         })
     return json.dumps(entries, sort_keys=True)

@@ -1,6 +1,7 @@
 # Extraction: the expensive step, sharded by image range. Each shard is its own job and
 # its own Zarr store (no job writes another's files), so an executor plugin can spread
-# shards over GPUs; a store appears under its final name only when complete.
+# shards over GPUs; a store appears under its final name only when complete. Locally each
+# job takes a GPU of its own (embedlens.devices; `gpu` = the visible GPUs, rules/common.smk).
 
 
 rule extract_hidden:
@@ -18,10 +19,12 @@ rule extract_hidden:
         stop=lambda wc: shard_range(wc)[1],
         batch_size=lambda wc: extraction(wc.model)["batch_size"],
         device=lambda wc: extraction(wc.model)["device"],
+        device_map=lambda wc: (f"--device-map {extraction(wc.model)['device_map']}"
+                               if extraction(wc.model)["device_map"] else ""),
         trust=lambda wc: "--trust-remote-code" if MODELS[wc.model]["trust_remote_code"] else "",
         on_bad_image=CFG["on_bad_image"],
     resources:
-        gpu=lambda wc: uses_gpu(wc.model),
+        gpu=lambda wc: extract_gpus(wc.model),
     log:
         "logs/extract_hidden/{model}/{dataset}/shard-{shard}.log",
     benchmark:
@@ -32,7 +35,7 @@ rule extract_hidden:
         "embedlens extract --model-dir {params.model_dir:q} --model-name {wildcards.model} "
         "--dataset-dir {input.dataset} --start {params.start} --stop {params.stop} "
         "--settings {params.settings:q} --batch-size {params.batch_size} "
-        "--device {params.device} {params.trust} --on-bad-image {params.on_bad_image} "
+        "--device {params.device} {params.device_map} {params.trust} --on-bad-image {params.on_bad_image} "
         "--out {output} > {log} 2>&1"
 
 

@@ -319,7 +319,8 @@ def test_wilson_interval():
 
 # --------------------------------------------------------------------------- end to end
 def _random_categories(ds_dir, adapter, out, seed: int = 0):
-    """A categories.parquet with a seeded random label for every visual token of the set."""
+    """A categories.parquet with a seeded random label for every visual token of the set
+    (membership columns equal to the label)."""
     from embedlens.datasets.materialize import load_dataset
 
     ds = load_dataset(ds_dir)
@@ -327,7 +328,8 @@ def _random_categories(ds_dir, adapter, out, seed: int = 0):
     rows = []
     for rec in ds.images:
         n = adapter.prepare([ds.image(rec["image_id"])], "Describe the image.").n_tokens[0]
-        rows += [{"image_id": rec["image_id"], "token": j, "label": lab}
+        rows += [{"image_id": rec["image_id"], "token": j, "label": lab,
+                  **{f"in_{g}": lab == g for g in iv.GROUPS}}  # membership = label
                  for j, lab in enumerate(rng.choice(iv.LABELS, n, p=[0.1, 0.1, 0.3, 0.5]))]
     pd.DataFrame(rows).to_parquet(out)
     return out

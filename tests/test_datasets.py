@@ -347,8 +347,17 @@ BAD = {
 }
 
 
+@pytest.mark.parametrize("lenient_globals", [False, True], ids=["pillow-defaults", "lenient-globals"])
 @pytest.mark.parametrize("fname", sorted(BAD))
-def test_bad_images_raise_named_error(tmp_path, fname):
+def test_bad_images_raise_named_error(tmp_path, fname, lenient_globals, monkeypatch):
+    """Every kind of bad file is refused by name, also when another library in the process
+    made Pillow's globals lenient (lmms-eval sets LOAD_TRUNCATED_IMAGES on import; some
+    task modules lift MAX_IMAGE_PIXELS)."""
+    if lenient_globals:
+        from PIL import ImageFile
+
+        monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
     make, reason = BAD[fname]
     make(tmp_path / fname)
     with pytest.raises(BadImageError) as ei:

@@ -69,12 +69,25 @@ def labelled_outputs(tmp_path_factory):
                   {"op": "skip", "groups": ["visual"], "sublayers": "mlp"}, {"op": "inject", "layer": 1}]
     run_compress(model, ds, cat / "categories.parquet", conditions, root / "analysis" / "compress",
                  n_items=8, repeats=1, latency_items=2, device="cpu", progress=False)
+    # the standard benchmarks: one small stand-in, real lmms-eval scoring (test_bench_run
+    # checks the numbers; here the report's table)
+    from embedlens.bench.run import run_benchmarks
+    from embedlens.bench.standins import write_standin
+    from embedlens.bench.tasks import TaskSpec
+
+    write_standin("pope", root / "standins" / "pope", n_images=2, seed=5)
+    run_benchmarks(model, root / "vocab.zarr", [TaskSpec(name="pope", task="pope", path=str(root / "standins" / "pope"),
+                                                        max_new_tokens=2)],
+                   root / "analysis" / "benchmarks", anchors=json.loads((cat / "anchors.json").read_text())["anchors"],
+                   conditions=[{"op": "baseline"}, {"name": "skip_mlp", "op": "skip", "groups": ["visual"],
+                                                    "sublayers": "mlp"}],
+                   n_bootstrap=20, batch_size=4, device="cpu", model="tiny-llava", progress=False)
     return {
         "model": "tiny-llava", "dataset": "synthetic", "dataset_dir": str(ds),
         "hidden_index": str(root / "hidden" / "hidden.json"), "vocab": str(root / "vocab.zarr"),
         "categorize_dir": str(cat), "lens_dir": str(root / "analysis" / "lens"),
         "probe_dir": str(root / "analysis" / "probe"), "align_dir": str(root / "analysis" / "align"),
-        "compress_dir": str(root / "analysis" / "compress"),
+        "compress_dir": str(root / "analysis" / "compress"), "benchmarks_dir": str(root / "analysis" / "benchmarks"),
         "config_hash": "test-config", "timings": {"extract_hidden": 1.25},
     }
 
@@ -182,6 +195,8 @@ def test_report_renders_every_section_in_a_browser(labelled_report, browser, tmp
     assert "Best-aligned layer" in _section(page, "Layer alignment")
     comp = _section(page, "Compression benchmark")
     assert "prune_dead" in comp and "random_dead" in comp and "Accuracy vs cost" in comp
+    bench = _section(page, "Standard benchmarks")
+    assert "skip_mlp" in bench and "pope_f1_score" in bench
     prov = _section(page, "Provenance")
     assert "788cf358" in prov or "settings hash" in prov
     assert "test-config" in prov and "extract_hidden" in prov and "transformers" in prov
@@ -430,3 +445,24 @@ def test_workflow_gives_the_report_its_config_hash_and_timings(unlabelled_output
     assert params["config_hash"] in text
     assert "not given to the report" not in text
     assert "extract_hidden (2 jobs)" in text and ">3.75<" in text
+
+
+def test_report_notebook_takes_and_forwards_every_input():
+    """Every input ``load_inputs`` reads is a notebook parameter and is passed on to it (a
+    parameter the workflow gives but the notebook drops left the benchmark section empty)."""
+    import ast
+    import inspect
+
+    cells = json.loads(REPORT_TEMPLATE.read_text())["cells"]
+    param_cell = next(c for c in cells if "parameters" in c["metadata"].get("tags", []))
+    declared = {t.id for node in ast.parse("".join(param_cell["source"])).body if isinstance(node, ast.Assign)
+                for t in node.targets}
+    calls = [node for c in cells if c["cell_type"] == "code"
+             for node in ast.walk(ast.parse("".join(c["source"])))
+             if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "load_inputs"]
+    assert len(calls) == 1
+    forwarded = {k.arg for k in calls[0].keywords}
+    wanted = [p.name for p in inspect.signature(report.load_inputs).parameters.values()
+              if p.kind is p.KEYWORD_ONLY or (p.kind is p.POSITIONAL_OR_KEYWORD and p.name not in ("model", "dataset"))]
+    assert wanted and not [p for p in wanted if p not in declared], "not notebook parameters"
+    assert not [p for p in wanted if p not in forwarded], "not passed to load_inputs"

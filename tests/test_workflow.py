@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import xarray as xr
 import yaml
@@ -49,6 +50,11 @@ def write_config(workdir: Path, models: dict, n_images: int = 6) -> dict:
         "lens": {"max_images": 2},
         "probe": {"n_bootstrap": 20, "min_tokens": 5},
         "compress": {"n_items": 6, "seeds": [0, 1], "repeats": 1},
+        # one stand-in, two conditions: the rule's wiring, not the benchmark (test_bench_run)
+        "benchmarks": {"standins": {"n_images": {"pope": 2}},
+                       "tasks": [{"name": "pope", "task": "pope", "standin": "pope", "max_new_tokens": 2}],
+                       "conditions": [{"op": "baseline"}, {"op": "prune", "groups": ["dead"]}],
+                       "n_bootstrap": 20, "use_best_aligned_layer": False},
     }
     (workdir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     return cfg
@@ -106,6 +112,10 @@ def test_run_produces_every_output(finished):
         out = read_step(analysis / step, step)
         assert out.summary["status"] == "ok" and out.summary["seconds"] > 0, step
         assert all(out.path(name).exists() for name in out.files), step
+    bench = read_step(finished / "results/analysis/tiny/benchmarks", "benchmarks")
+    assert bench.summary["status"] == "ok"
+    table = pd.read_parquet(bench.path("table"))
+    assert set(table["task"]) == {"pope"} and {"baseline", "prune_dead"} <= set(table["condition"])
     for name in ("tiny/shapes.html", "tiny/shapes.ipynb", "index.html", "index.ipynb"):
         assert (finished / "results/reports" / name).exists(), name
 

@@ -8,6 +8,7 @@ Heavy imports (torch, transformers) happen inside the step that needs them, so
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -51,15 +52,27 @@ def cmd_export_vocab(args) -> int:
     return 0
 
 
-def cmd_extract(args) -> int:
-    from .extract import ExtractSettings, extract_shard
+def _own_devices(device: str | None, count: int = 1):
+    """A GPU job's own device(s) (`embedlens.devices.assigned_devices`) for ``device`` auto or
+    cuda, taken before CUDA starts; a CPU job takes none."""
+    from .devices import assigned_devices, wants_cuda
 
-    settings = ExtractSettings.from_config(args.settings, device=args.device, batch_size=args.batch_size,
-                                           on_bad_image=args.on_bad_image)
-    out = extract_shard(args.model_dir, args.dataset_dir, args.out, start=args.start,
-                        stop=args.stop, settings=settings, model_name=args.model_name,
-                        trust_remote_code=args.trust_remote_code,
-                        progress=not args.no_progress)
+    return assigned_devices(count) if wants_cuda(device) else contextlib.nullcontext([])
+
+
+def cmd_extract(args) -> int:
+    settings_in = dict(args.settings)
+    if args.device_map:
+        settings_in["device_map"] = args.device_map
+    with _own_devices(args.device, count=10**6 if settings_in.get("device_map") else 1):
+        from .extract import ExtractSettings, extract_shard
+
+        settings = ExtractSettings.from_config(settings_in, device=args.device, batch_size=args.batch_size,
+                                               on_bad_image=args.on_bad_image)
+        out = extract_shard(args.model_dir, args.dataset_dir, args.out, start=args.start,
+                            stop=args.stop, settings=settings, model_name=args.model_name,
+                            trust_remote_code=args.trust_remote_code,
+                            progress=not args.no_progress)
     print(f"{out}: done")
     return 0
 
@@ -175,9 +188,31 @@ def cmd_align(args) -> int:
 def cmd_compress(args) -> int:
     from .compress.steps import compress_step
 
-    table = compress_step(args.model_dir, args.dataset_dir, args.categories, args.out, args.settings,
-                          align_dir=args.align, trust_remote_code=args.trust_remote_code)
+    with _own_devices((args.settings or {}).get("device", "auto")):
+        table = compress_step(args.model_dir, args.dataset_dir, args.categories, args.out, args.settings,
+                              align_dir=args.align, trust_remote_code=args.trust_remote_code)
     print(table.to_string(max_rows=60))
+    return 0
+
+
+def cmd_benchmark(args) -> int:
+    from .bench.steps import benchmarks_step
+
+    table = benchmarks_step(args.model_dir, args.vocab, args.tasks, args.out, args.settings,
+                            anchors_dir=args.anchors_dir, align_dir=args.align, model=args.model_name,
+                            trust_remote_code=args.trust_remote_code)
+    from .report.sections.benchmarks import paper_table
+
+    print(paper_table(table).to_string(max_rows=80))
+    return 0
+
+
+def cmd_standins(args) -> int:
+    from .bench.standins import write_standin
+
+    rec = write_standin(args.name, args.out, n_images=args.n_images, seed=args.seed)
+    print(f"{args.out}: {rec['name']} stand-in for lmms-eval task {rec['task']} ({rec['split']}), "
+          f"{rec['n_docs']} documents on {rec['n_images']} images")
     return 0
 
 
@@ -217,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JSON: layers, vision_layers, compute_dtype, store_dtype, prompt")
     s.add_argument("--batch-size", type=int, default=DEFAULTS["extraction"]["batch_size"])
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default=DEFAULTS["extraction"]["device"])
+    s.add_argument("--device-map", default=DEFAULTS["extraction"]["device_map"],
+                   help="spread the model over every GPU the job holds (accelerate: auto, balanced, ...)")
     s.add_argument("--trust-remote-code", action="store_true")
     s.add_argument("--on-bad-image", choices=["fail", "skip"], default=DEFAULTS["on_bad_image"],
                    help="an image the model rejects: fail naming it, or skip and list it in the store")
@@ -332,6 +369,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--align", default=None,
                    help="the align output directory (its best layer for alive tokens adds an inject condition)")
     s.set_defaults(func=cmd_compress)
+
+    s = sub.add_parser("benchmark", help="standard benchmarks (lmms-eval tasks) under each intervention "
+                                         "(docs/methods.md 4)")
+    s.add_argument("--model-dir", required=True)
+    s.add_argument("--trust-remote-code", action="store_true")
+    s.add_argument("--vocab", required=True, help="the model's vocab.zarr")
+    s.add_argument("--anchors-dir", default=None, help="the model's anchors step directory (its anchor ids)")
+    s.add_argument("--align", default=None, help="an align output directory (inject at its best layer)")
+    s.add_argument("--tasks", type=_json_arg, required=True,
+                   help="config.yaml benchmarks.tasks as JSON (each with a local data path)")
+    s.add_argument("--settings", type=_json_arg, default={}, help="run settings, JSON (see run_benchmarks)")
+    s.add_argument("--model-name", default=None)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_benchmark)
+
+    standins = DEFAULTS["benchmarks"]["standins"]
+    s = sub.add_parser("standins", help="write a small benchmark stand-in (POPE, MME, ...) in the hub layout")
+    s.add_argument("--name", required=True, choices=sorted(standins["n_images"]))
+    s.add_argument("--seed", type=int, default=standins["seed"])
+    s.add_argument("--n-images", type=int, default=None,
+                   help="images (default: benchmarks.standins.n_images of the stand-in)")
+    s.add_argument("--out", required=True, help="the stand-in folder, e.g. results/benchmarks/data/pope")
+    s.set_defaults(func=cmd_standins)
     return p
 
 
@@ -343,6 +403,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return report.main(argv)
     args = build_parser().parse_args(argv)
+    if getattr(args, "step", None) == "standins" and args.n_images is None:
+        from .config import DEFAULTS
+
+        args.n_images = DEFAULTS["benchmarks"]["standins"]["n_images"][args.name]
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from .config import ConfigError

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import platform
 import dataclasses
 from dataclasses import dataclass, replace
@@ -20,6 +21,7 @@ from tqdm.auto import tqdm
 from .config import settings_hash
 from .datasets import load_dataset
 from .datasets.images import BadImageError
+from .models.loading import placement
 from .models.preprocess import PREPROCESS
 from .runtime import free_cached_memory, is_out_of_memory, resolve_device
 from .store import (
@@ -27,9 +29,11 @@ from .store import (
     ShardWriter,
     StoreOverflowError,
     atomic_directory,
+    check_states,
     model_attrs,
     write_vocab,
 )
+from .store_writer import BackgroundWriter
 
 log = logging.getLogger("embedlens.extract")
 
@@ -57,6 +61,13 @@ class ExtractSettings:
     on_bad_image: str = "fail"
     #: re-run one image of the first batch alone to prove batching does not change states
     check_batch: bool = True
+    #: a model larger than one GPU: accelerate's device_map ("auto", "balanced", ...) spreads
+    #: it over every device the job holds (`embedlens.devices`); None: one device. Placement
+    #: only, so not part of `identity`
+    device_map: str | None = None
+    #: "8bit" / "4bit" bitsandbytes weights (CUDA only); quantized weights change the stored
+    #: values, so it is part of `identity` (when set)
+    quantization: str | None = None
 
     @classmethod
     def from_config(cls, section: dict | None = None, **runtime) -> "ExtractSettings":
@@ -84,12 +95,15 @@ class ExtractSettings:
 
         ``preprocess`` is there only when it is not "native": the identity (and settings
         hash) of a native store is the one stores had before the option existed, so their
-        caches stay valid; a reader takes a missing ``preprocess`` as "native"."""
+        caches stay valid; a reader takes a missing ``preprocess`` as "native". The same for
+        ``quantization`` (absent: the checkpoint's weights)."""
         out = {"layers": self.layers, "vision_layers": list(self.vision_layers),
                "compute_dtype": self.compute_dtype, "store_dtype": self.store_dtype,
                "prompt": self.prompt}
         if self.preprocess != "native":
             out["preprocess"] = self.preprocess
+        if self.quantization is not None:  # absent = full-precision weights, as before the option
+            out["quantization"] = self.quantization
         return out
 
 
@@ -211,9 +225,25 @@ def _forward_one_by_one(adapter, dataset, chunk, images, settings, llm_layers, v
     return outputs
 
 
-def _run_batches(adapter, dataset, indices, llm_layers, vision_layers, settings, writer,
+_TORCH_STORE_DTYPES = {np.dtype("float16"): torch.float16, np.dtype("float32"): torch.float32}
+
+
+def _host_states(image_id: str, hid, writer: ShardWriter):
+    """An image's states checked where they were computed, cast to the store dtype there and
+    copied to the host: (llm (layer, token, dim), vision or None) numpy arrays.
+
+    On a GPU this moves only the stored bytes (float16: half of float32) and leaves the
+    checks (one flag per layer) to the device. Raises as `embedlens.store.check_states`."""
+    check_states(image_id, hid.llm, hid.vision, writer.layers, writer.vision_layers, writer.dtype)
+    dt = _TORCH_STORE_DTYPES[writer.dtype]
+    llm = hid.llm.to(dt).cpu().numpy()
+    vision = None if hid.vision is None else hid.vision.to(dt).cpu().numpy()
+    return llm, vision
+
+
+def _run_batches(adapter, dataset, indices, llm_layers, vision_layers, settings, writer: BackgroundWriter,
                  progress: bool, check_batch: bool) -> _Run:
-    """Forward images in batches and write them in order.
+    """Forward images in batches and hand them, in order, to the background ``writer``.
 
     Out of memory (any device) halves the batch size and retries; any other error is
     attributed to an image by re-running the batch one image at a time: that image is
@@ -248,19 +278,29 @@ def _run_batches(adapter, dataset, indices, llm_layers, vision_layers, settings,
         for image_id, hid in zip(ids, outputs):
             if hid is None:
                 continue
-            vision = None if hid.vision is None else hid.vision.float().cpu().numpy()
-            writer.append(image_id, hid.llm.float().cpu().numpy(), vision,
+            llm, vision = _host_states(image_id, hid, writer.writer)
+            # queued: the thread writes it while the next batch is computed
+            writer.submit(image_id, llm, vision,
                           np.asarray(hid.patch_row), np.asarray(hid.patch_col), tuple(hid.grid),
                           vision_to_llm=None if hid.vision is None else np.asarray(hid.vision_to_llm),
-                          grid_known=hid.grid_known, layout_note=hid.layout_note)
+                          grid_known=hid.grid_known, layout_note=hid.layout_note, checked=True)
         pos += len(chunk)
         bar.update(len(chunk))
     bar.close()
-    if writer.n_written == 0:
+    if writer.n_submitted == 0:
         raise RuntimeError(f"no image of {dataset.path} [{indices[0]}, {indices[-1] + 1}) could be "
                            f"extracted (first reason: {run.skipped[0]['reason']}): this is not a bad "
                            "image but a model/processor problem")
     return run
+
+
+def _load(adapter_cls, model_dir, dtype: str, device: str, settings: ExtractSettings, trust_remote_code: bool):
+    """The model as the settings ask (dtype, device or device_map, quantization)."""
+    adapter = adapter_cls.load(str(model_dir), dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                               device_map=settings.device_map, quantization=settings.quantization)
+    adapter.truncate = settings.truncate
+    adapter.preprocess = settings.preprocess
+    return adapter
 
 
 def _fallback_dtype(device) -> str:
@@ -305,10 +345,7 @@ def extract_shard(model_dir: str | Path, dataset_dir: str | Path, out: str | Pat
         raise ValueError(f"extraction.preprocess must be one of {list(PREPROCESS)}, got {settings.preprocess!r}")
     device = resolve_device(settings.device)
     compute_dtype = settings.compute_dtype
-    adapter = VLMAdapter.load(str(model_dir), dtype=compute_dtype, device=device,
-                              trust_remote_code=trust_remote_code)
-    adapter.truncate = settings.truncate
-    adapter.preprocess = settings.preprocess
+    adapter = _load(VLMAdapter, model_dir, compute_dtype, device, settings, trust_remote_code)
     llm_layers = resolve_layers(settings.layers, adapter.num_layers + 1)
     vision_layers = list(settings.vision_layers)
     # Before any work: an architecture without a findable vision tower / layer list fails
@@ -325,6 +362,10 @@ def extract_shard(model_dir: str | Path, dataset_dir: str | Path, out: str | Pat
         "settings": settings.identity(),
         "settings_hash": settings_hash(settings.identity()),
         "device": device,
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES") if device.startswith("cuda") else None,
+        "device_map": settings.device_map,
+        "model_placement": placement(adapter.model) if settings.device_map else None,
+        "quantization": settings.quantization,
         "python_version": platform.python_version(),
         # model_path, num_layers, final_norm_applied_to_last_layer (the analyses read these two
         # to place layers and the logit lens), transformers/torch_version, and model_<key>
@@ -340,17 +381,22 @@ def extract_shard(model_dir: str | Path, dataset_dir: str | Path, out: str | Pat
                 writer = ShardWriter(tmp, n_images=len(indices), layers=llm_layers,
                                      vision_layers=vision_layers, dtype=store_dtype,
                                      attrs={**attrs, "store_dtype_requested": settings.store_dtype})
-                run = _run_batches(adapter, dataset, indices, llm_layers, vision_layers,
-                                   settings, writer, progress, check_batch)
-                writer.attrs.update({
-                    "final_batch_size": run.batch_size,
-                    "batch_backoffs": run.backoffs,
-                    "batch_check": run.batch_check,
-                    "skipped_images": run.skipped,
-                    "compute_dtype_used": compute_dtype,
-                    "extraction_notes": notes,
-                })
-                writer.close()
+                # the thread stops (with block) before atomic_directory removes tmp on an error
+                with BackgroundWriter(writer, shard=out) as background:
+                    run = _run_batches(adapter, dataset, indices, llm_layers, vision_layers,
+                                       settings, background, progress, check_batch)
+                    writer.attrs.update({
+                        "final_batch_size": run.batch_size,
+                        "batch_backoffs": run.backoffs,
+                        "batch_check": run.batch_check,
+                        "skipped_images": run.skipped,
+                        "compute_dtype_used": compute_dtype,
+                        "extraction_notes": notes,
+                    })
+                    background.close()
+                    log.info("%s: %d images written in %.1f s by the background writer; the forward "
+                             "passes waited %.1f s for it", out, background.n_submitted,
+                             background.seconds_writing, background.seconds_waiting)
             return Path(out)
         except StoreOverflowError as exc:
             if store_dtype == "float32":
@@ -370,10 +416,7 @@ def extract_shard(model_dir: str | Path, dataset_dir: str | Path, out: str | Pat
             compute_dtype = _fallback_dtype(device)
             log.warning("%s in float16; recomputing this shard in %s", exc, compute_dtype)
             notes.append(f"float16 gave non-finite states ({exc}); recomputed in {compute_dtype}")
-            adapter = VLMAdapter.load(str(model_dir), dtype=compute_dtype, device=device,
-                                      trust_remote_code=trust_remote_code)
-            adapter.truncate = settings.truncate
-            adapter.preprocess = settings.preprocess
+            adapter = _load(VLMAdapter, model_dir, compute_dtype, device, settings, trust_remote_code)
         except BatchDependenceError as exc:
             log.warning("%s; extracting this shard one image at a time", exc)
             notes.append(f"batch dependence detected ({exc}); extracted with batch size 1")

@@ -124,7 +124,13 @@ SHARD_ATTRS = {
     "store_dtype_requested": "dtype on disk as configured",
     "store_dtype": "dtype on disk (float32 where float16 overflowed)",
     "settings": "the settings that define the stored values (layers, vision_layers, compute_dtype, "
-    "store_dtype, prompt; preprocess when not native: absent = native)", "settings_hash": "hash of settings", "device": "device of the forward pass",
+    "store_dtype, prompt; preprocess when not native: absent = native; quantization when set)",
+    "settings_hash": "hash of settings", "device": "device of the forward pass",
+    "cuda_visible_devices": "the GPU(s) the job held (embedlens.devices; CUDA_VISIBLE_DEVICES); null off CUDA",
+    "device_map": "extraction.device_map: how the model was spread over GPUs (null: one device)",
+    "model_placement": "parameter tensors per device of a model loaded with a device_map (null: no device_map)",
+    "quantization": "extraction.quantization: 8bit/4bit bitsandbytes weights, null for the checkpoint's; "
+    "quantized weights change the stored values (part of settings and settings_hash when set)",
     "python_version": "Python version", "final_batch_size": "batch size at the end of the shard",
     "batch_backoffs": "batch-size reductions taken (out of memory; a batch that only fails as a batch)",
     "batch_check": "first-batch self-check: image_id, batch_size, max_rel_diff, tolerance (null: not run)",

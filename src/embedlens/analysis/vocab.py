@@ -204,6 +204,21 @@ class VocabIndex:
     def dim(self) -> int:
         return int(self.matrix.shape[1])
 
+    def fit_query_block(self, requested: int, n: int) -> int:
+        """Query rows per block: ``requested`` on the CPU; on a GPU as many as fit in half of
+        its free memory (at least ``requested``, at most ``n``), so that each pass over the
+        vocabulary serves as many queries as the device holds: the vocabulary blocks are
+        streamed once per query block, and a large GPU is idle on small matmuls.
+        Per row: a float32 score row of one vocabulary block, with the log-sum-exp and top-k
+        temporaries (3 x vocab_block), and the query before and after normalizing (2 x d).
+        The results do not depend on the block (every row is searched on its own)."""
+        requested = max(1, int(requested))
+        if self.device.type != "cuda" or n <= requested:
+            return requested
+        free, _ = torch.cuda.mem_get_info(self.device)
+        per_row = 4 * (3 * self.vocab_block + 2 * self.dim)
+        return max(requested, min(int(n), int(0.5 * free) // per_row))
+
     @torch.no_grad()
     def search(
         self,
@@ -221,10 +236,12 @@ class VocabIndex:
         Returns ``ids`` (n, k) int64 and ``scores`` (n, k) float32 (cosine or logit),
         sorted best first; with ``logsumexp=True`` also ``lse`` (n,) float32 over all rows.
         Queries: anything indexable by row slices giving (m, d) arrays/tensors (numpy,
-        torch, a dask-less xarray ``.values``); cast to float32 block by block.
+        torch, a dask-less xarray ``.values``); cast to float32 block by block, blocks of
+        ``query_block`` rows (on a GPU more: `fit_query_block`).
         ``on_block(m)`` is called after each query block of m rows (progress reporting).
         """
         n = len(queries)
+        query_block = self.fit_query_block(query_block, n)
         k_eff = min(int(k), self.size - int(self.excluded.size))
         if k_eff < 1:
             raise ValueError("k must be >= 1")

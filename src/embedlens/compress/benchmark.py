@@ -11,9 +11,16 @@ Conditions are dicts as they appear in ``config.yaml``::
     {"op": "skip", "groups": ["alive"], "sublayers": [3, 3.5, 4]}      # explicit sublayers
     {"op": "inject", "layer": 4}
     {"op": "exit", "layer": 6}
+    {"op": "knockout", "edges": ["visual->visual", "text->visual"], "layers": [0, 8]}
+    {"op": "prune_inject", "groups": ["sinks", "dead"], "layer": 4}
+    {"op": "skip", "groups": ["visual"], "sublayers": "attn", "layers": [0, 1], "reference_layer0": true}
 
-``groups``: categorize labels (``vit_sink``, ``llm_sink``, ``dead``, ``alive``) or the aliases
-``sink``/``sinks`` and ``visual``/``all``. ``layers: [a, b]`` is the half-open range
+``groups``: token groups (``vit_sink``, ``llm_sink``, ``dead``, ``alive``) or the aliases
+``sink``/``sinks`` and ``visual``/``all``. A group holds the tokens with an anchor id of the
+group among their top-k neighbours (membership, the reference semantics; groups may overlap,
+``alive`` = in none); ``select: label`` on a condition uses the exclusive categorize label
+instead (``{"op": "prune", "groups": ["dead"], "select": "label"}``). Instead of a list,
+``conditions`` may name a preset, ``"default"`` or ``"paper"`` (:mod:`.conditions`). ``layers: [a, b]`` is the half-open range
 ``a <= layer < b`` (like Python's ``range``; default every layer); ``layer`` may be negative
 (counted from the end, ``-1`` = the last layer). ``name`` defaults to one derived from the
 op and its arguments; names must be unique.
@@ -39,7 +46,6 @@ choice up to float round-off, tested; ``pack_choices=False`` runs one sequence p
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -55,7 +61,9 @@ from embedlens.runtime import free_cached_memory, is_out_of_memory
 
 from . import cost as _cost
 from . import interventions as iv
+from .aggregate import aggregate, wilson_interval  # noqa: F401 - re-exported
 from .conditions import (  # noqa: F401 - re-exported: the benchmark's condition language
+    PRESETS,
     SINKS,
     Variant,
     default_conditions,
@@ -67,17 +75,6 @@ OUTPUT_FILES = {"compress": "compress.parquet", "summary": "summary.json"}
 
 log = logging.getLogger("embedlens.compress")
 
-def wilson_interval(k: float, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
-    """Wilson score interval (95 % by default) for k successes in n trials."""
-    if n <= 0:
-        return float("nan"), float("nan")
-    p = k / n
-    den = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    # exact ends at k = 0 and k = n (the formula leaves ~1e-17 of round-off there)
-    return (0.0 if k <= 0 else max(0.0, centre - half)), (1.0 if k >= n else min(1.0, centre + half))
-
 
 # =========================================================================== run
 @dataclass(eq=False)  # identity semantics: items hold tensors
@@ -86,21 +83,33 @@ class _Item:
     item: dict
     prompt: iv.TokenSequence | None = None
     answers: list[list[int]] = field(default_factory=list)
-    labels: list[str] = field(default_factory=list)
+    groups: iv.TokenGroups | None = None
 
 
-def _load_categories(path, image_ids: set[str]) -> dict[str, list[str]]:
-    cats = pd.read_parquet(path, columns=["image_id", "token", "label"])
-    bad = sorted(set(cats["label"].unique()) - set(iv.LABELS))
-    if bad:
-        raise ValueError(f"{path}: unknown labels {bad}; expected {', '.join(iv.LABELS)}")
+def _load_categories(path, image_ids: set[str]) -> dict[str, iv.TokenGroups]:
+    """image id -> :class:`~.plan.TokenGroups` (exclusive ``label`` and the ``in_vit_sink``/
+    ``in_llm_sink``/``in_dead`` membership columns of categorize's ``categories.parquet``).
+
+    Raises:
+        ValueError: a missing column, unknown labels, tokens not 0..n-1 or labels that are not
+            the first matching membership group, naming `path` and the image.
+    """
+    import pyarrow.parquet as pq
+
+    want = ["image_id", "token", "label", *(f"in_{g}" for g in iv.GROUPS)]
+    have = set(pq.read_schema(path).names)
+    missing = [c for c in want if c not in have]
+    if missing:
+        raise ValueError(f"{path}: no column(s) {missing}; the compression benchmark selects tokens by anchor "
+                         "membership (in_<group>) and label: rerun categorize with this version")
+    cats = pd.read_parquet(path, columns=want)
     cats = cats[cats["image_id"].isin(image_ids)].sort_values(["image_id", "token"])
     out = {}
     for image_id, g in cats.groupby("image_id", sort=False):
-        tok = g["token"].to_numpy()
-        if not np.array_equal(tok, np.arange(len(tok))):
-            raise ValueError(f"{path}: tokens of image {image_id!r} are not 0..n-1")
-        out[str(image_id)] = g["label"].astype(str).tolist()
+        try:
+            out[str(image_id)] = iv.TokenGroups.from_categories(g)
+        except ValueError as e:
+            raise ValueError(f"{path}: image {image_id!r}: {e}") from None
     return out
 
 
@@ -149,7 +158,7 @@ class _Scorer:
                 for it, choices in chunk:
                     seq, w, t = self._build(it, choices)
                     seqs.append(seq)
-                    plans.append(iv.plan_for(seq, it.labels, variant.intervention, self.N))
+                    plans.append(iv.plan_for(seq, it.groups, variant.intervention, self.N))
                     want.append(torch.cat(w))
                     targets.append(t)
                 res = iv.forward(self.model, seqs, plans, want)
@@ -167,22 +176,22 @@ class _Scorer:
         return scores
 
 
-def _visual_stats(prompt: iv.TokenSequence, plan: iv.Plan, N: int) -> tuple[int, int, float]:
-    """(visual tokens, visual tokens taking part in some layer, mean visual tokens per layer)."""
+def _visual_stats(prompt: iv.TokenSequence, plan: iv.Plan, N: int) -> tuple[int, int, float, int]:
+    """(visual tokens, visual tokens taking part in some layer, mean visual tokens per layer,
+    visual tokens the plan removes or changes: deleted, skipped in a sublayer or absent from
+    a layer)."""
     visual = torch.zeros(len(prompt), dtype=torch.bool, device=plan.keep.device)
     visual[prompt.visual_pos] = True
     per_layer = plan.visual_per_layer(N, visual)
-    kept = visual & plan.keep
-    if plan.absent is not None and len(plan.absent_layers) == N:
-        kept &= ~plan.absent
-    return int(visual.sum()), int(kept.sum()), float(np.mean(per_layer)) if N else 0.0
+    n_kept, n_affected = plan.visual_counts(N, visual)
+    return int(visual.sum()), n_kept, float(np.mean(per_layer)) if N else 0.0, n_affected
 
 
 def run_compress(
     model_dir,
     dataset_dir,
     categories_parquet,
-    conditions: Sequence[dict] | None,
+    conditions: Sequence[dict] | str | None,
     out_dir,
     *,
     n_items: int | None = None,
@@ -195,6 +204,8 @@ def run_compress(
     chunk_items: int = 32,
     pack_choices: bool = True,
     best_aligned_layer: int | None = None,
+    n_bootstrap: int = 1000,
+    bootstrap_seed: int = 0,
     items_out=None,
     preprocess: str = "native",
     mode: str = "ours",
@@ -205,8 +216,9 @@ def run_compress(
     table ``compress.parquet`` and ``summary.json`` (the one summary shape of every step,
     :data:`embedlens.analysis.outputs.SUMMARY_KEYS`). Returns the table.
 
-    `conditions`: condition dicts (module doc); None = :func:`default_conditions` (with
-    `best_aligned_layer`). `n_items`: the first n VQA items of the data set (None = all).
+    `conditions`: condition dicts (module doc), or the name of a preset (``"default"``,
+    ``"paper"``: :func:`default_conditions` with `best_aligned_layer`); None = ``"default"``.
+    Groups select tokens by anchor membership unless a condition says ``select: label``. `n_items`: the first n VQA items of the data set (None = all).
     `seeds`: for random_matched conditions without their own ``seeds``. `repeats`: timed
     prefill runs per prompt (after one warm-up) on the first `latency_items` prompts.
     `batch_size`: sequences per forward pass (an item's packed choices, or one choice when
@@ -219,10 +231,17 @@ def run_compress(
     it must be the extraction's, so that the categorized tokens are the tokens scored
     (:func:`embedlens.compress.steps.compress_step` takes it from the categorize summary).
     `mode`: the model's ``mode`` in config.yaml, recorded in ``settings``.
+    `n_bootstrap`, `bootstrap_seed`: the paired bootstrap of Δ accuracy vs the baseline.
 
-    One row per (condition, seed, item type) plus ``item_type == "all"``; ``seed`` is <NA>
-    on the condition-level rows (for random_matched: mean over seeds, ``accuracy_sd``
-    across seeds, Wilson interval over the pooled trials) and set on the per-seed rows.
+    One row per (condition, seed, item type) plus ``item_type == "all"``
+    (:func:`~.aggregate.aggregate`); ``seed`` is <NA> on the condition-level rows (for
+    random_matched: each item's correctness averaged over the seeds first, Wilson interval
+    over the items, ``accuracy_sd`` across seeds) and set on the per-seed rows. ``delta``
+    (with ``delta_ci_low``/``delta_ci_high``, paired bootstrap over items) and ``p_mcnemar``
+    (exact, 0/1 outcomes only) compare with the baseline on the same items;
+    ``n_removed_images`` counts images where the condition removed or changed a visual token
+    and ``nothing_removed`` flags a targeted condition that did so in no image (its Δ is nan:
+    not a result).
 
     Raises
     ------
@@ -267,8 +286,12 @@ def run_compress(
                                               trust_remote_code=trust_remote_code)
     N = adapter.num_layers
     shape = _cost.DecoderShape.from_model(model)
-    variants = parse_conditions(conditions if conditions is not None
-                                else default_conditions(N, best_aligned_layer), N, seeds)
+    if conditions is None or isinstance(conditions, str):
+        preset = conditions or "default"
+        conditions = default_conditions(N, best_aligned_layer, preset)
+    else:
+        preset = None
+    variants = parse_conditions(conditions, N, seeds)
     scorer = _Scorer(model, N, batch_size, pack=pack_choices)
 
     records: list[dict] = []
@@ -293,18 +316,20 @@ def run_compress(
             for v in variants:
                 scores = scorer.score(chunk, v)
                 for it in chunk:
-                    plan = iv.plan_for(it.prompt, it.labels, v.intervention, N)
-                    base_plan = iv.plan_for(it.prompt, it.labels, iv.baseline(), N)
-                    n_vis, n_kept, per_layer = _visual_stats(it.prompt, plan, N)
+                    plan = iv.plan_for(it.prompt, it.groups, v.intervention, N)
+                    base_plan = iv.plan_for(it.prompt, it.groups, iv.baseline(), N)
+                    n_vis, n_kept, per_layer, n_affected = _visual_stats(it.prompt, plan, N)
                     sc = scores[it.index]
                     pred = int(np.argmax(sc))  # first of the maxima
                     records.append({
                         "condition": v.name, "op": v.op, "seed": v.seed, "n_seeds": v.n_seeds,
-                        "item_id": it.item.get("item_id"), "image_id": it.item["image_id"],
+                        "item_index": it.index, "item_id": it.item.get("item_id"),
+                        "image_id": it.item["image_id"],
                         "item_type": str(it.item.get("type")), "answer": it.item["answer"],
                         "pred": it.item["choices"][pred], "correct": it.item["choices"][pred] == it.item["answer"],
                         "n_choices": len(sc), "scores": [float(x) for x in sc],
                         "visual_tokens": n_vis, "tokens_kept": n_kept, "visual_tokens_per_layer": per_layer,
+                        "n_affected": n_affected,
                         "flops": _cost.prefill_flops(shape, plan),
                         "flops_baseline": _cost.prefill_flops(shape, base_plan),
                     })
@@ -319,13 +344,13 @@ def run_compress(
     timing = {}
     for v in tqdm(variants, desc="latency", unit="cond", disable=not progress):
         seqs = [it.prompt for it in latency_prompts]
-        plans = [iv.plan_for(it.prompt, it.labels, v.intervention, N) for it in latency_prompts]
+        plans = [iv.plan_for(it.prompt, it.groups, v.intervention, N) for it in latency_prompts]
         timing[v.key] = _cost.measure_prefill(model, seqs, plans, repeats=repeats)
 
     per_item = pd.DataFrame.from_records(records)
     per_item["seed"] = per_item["seed"].astype("Int64")
     meta = {"model": str(model_dir), "dataset": ds.name, "device": str(dev), "dtype": str(dtype)}
-    table = _aggregate(per_item, variants, timing, meta)
+    table = aggregate(per_item, variants, timing, meta, n_bootstrap=n_bootstrap, bootstrap_seed=bootstrap_seed)
     import transformers
 
     out = Path(out_dir)
@@ -338,11 +363,14 @@ def run_compress(
         "settings": {"n_items": len(items), "seeds": list(seeds), "repeats": repeats,
                      "latency_items": len(latency_prompts), "batch_size": batch_size,
                      "pack_choices": pack_choices, "device": str(dev), "dtype": str(dtype),
-                     "preprocess": preprocess, "mode": mode},
+                     "preprocess": preprocess, "mode": mode, "conditions_preset": preset,
+                     "select_default": "membership", "n_bootstrap": n_bootstrap,
+                     "bootstrap_seed": bootstrap_seed},
         "seconds": time.perf_counter() - t0,
         "methods_notes": methods_notes(pack_choices),
         "files": dict(OUTPUT_FILES),
         "conditions": [v.key for v in variants], "best_aligned_layer": best_aligned_layer,
+        "nothing_removed": sorted(table.loc[table["nothing_removed"], "condition"].unique().tolist()),
         "answer_prefixes": sorted({f.answer_prefix for f in framings}), "num_layers": N,
         "attn_implementation": adapter.attn_implementation,
         "transformers_version": transformers.__version__, "torch_version": torch.__version__,
@@ -381,9 +409,17 @@ def methods_notes(pack_choices: bool = True) -> list[dict]:
              "Latency: batch-1 decoder prefill from the captured merged embeddings (vision tower excluded), "
              "median of repeats after a warm-up, mean over the first prompts. Peak memory: CUDA "
              "max_memory_allocated, on CPU sampled RSS and malloc bytes in use (mallinfo2)."),
+        note("reference", "membership_selection",
+             "A token group selects every visual token with an anchor id of the group among its top-k "
+             "neighbours (membership; groups may overlap, alive = in none), as the reference; a condition with "
+             "select: label uses the exclusive first-matching label instead."),
         note("ours", "accuracy_ci",
-             "Accuracy CI: Wilson 95 %; random_matched condition rows: mean and sd over seeds, Wilson over "
-             "the pooled trials."),
+             "Accuracy CI: Wilson 95 % over items; random_matched condition rows average each item's "
+             "correctness over the seeds first (n = items, not items x seeds), sd over seeds beside it."),
+        note("ours", "paired_delta",
+             "Δ accuracy vs the baseline on the same items: percentile paired bootstrap over items (seeded) and "
+             "an exact McNemar p-value for 0/1 outcomes (not for seed means); a targeted condition that removed "
+             "or changed no visual token in any image is flagged nothing_removed and gets no Δ."),
     ]
     if pack_choices:
         out.append(note("ours", "choice_packing",
@@ -392,66 +428,3 @@ def methods_notes(pack_choices: bool = True) -> list[dict]:
                          "sequence per choice up to float round-off; not used where a sliding window is "
                          "shorter than the packed sequence)."))
     return out
-
-
-def _group_rows(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
-    return [("all", df)] + [(t, g) for t, g in sorted(df.groupby("item_type"), key=lambda x: x[0])]
-
-
-def _stats(df: pd.DataFrame) -> dict:
-    n = len(df)
-    k = int(df["correct"].sum())
-    lo, hi = wilson_interval(k, n)
-    return {
-        "n_items": n, "n_correct": float(k), "accuracy": k / n if n else float("nan"),
-        "ci_low": lo, "ci_high": hi, "chance": float((1.0 / df["n_choices"]).mean()),
-        "visual_tokens": float(df["visual_tokens"].mean()),
-        "tokens_kept": float(df["tokens_kept"].mean()),
-        "tokens_kept_frac": float(df["tokens_kept"].sum() / max(df["visual_tokens"].sum(), 1)),
-        "visual_tokens_per_layer": float(df["visual_tokens_per_layer"].mean()),
-        "flops": float(df["flops"].mean()),
-        "flops_rel": float(df["flops"].sum() / df["flops_baseline"].sum()),
-    }
-
-
-def _aggregate(per_item: pd.DataFrame, variants: Sequence[Variant], timing: dict, meta: dict) -> pd.DataFrame:
-    rows = []
-    by_name: dict[str, list[Variant]] = {}
-    for v in variants:
-        by_name.setdefault(v.name, []).append(v)
-    for name, vs in by_name.items():
-        v0 = vs[0]
-        common = {"condition": name, "op": v0.op,
-                  "groups": ",".join(v0.intervention.groups),
-                  "params": json.dumps(v0.condition, sort_keys=True, default=str)}
-        sub = per_item[per_item["condition"] == name]
-        random_op = v0.seed is not None
-        if random_op:
-            for v in vs:  # per-seed rows
-                sv = sub[sub["seed"] == v.seed]
-                for t, g in _group_rows(sv):
-                    rows.append({**common, "seed": v.seed, "n_seeds": 1, "item_type": t, **_stats(g),
-                                 "accuracy_sd": float("nan"), **timing[v.key]})
-        for t, g in _group_rows(sub):  # condition-level rows (seed <NA>)
-            st = _stats(g)
-            if random_op:
-                per_seed = g.groupby("seed")["correct"].mean()
-                n_items = int(g.groupby("seed").size().iloc[0])
-                st.update(n_items=n_items, n_correct=float(g["correct"].sum()) / len(vs),
-                          accuracy=float(per_seed.mean()),
-                          accuracy_sd=float(per_seed.std(ddof=1)) if len(per_seed) > 1 else float("nan"))
-                tm = {k: float(np.mean([timing[v.key][k] for v in vs])) for k in timing[v0.key]}
-            else:
-                st["accuracy_sd"] = float("nan")
-                tm = timing[v0.key]
-            rows.append({**common, "seed": None, "n_seeds": len(vs), "item_type": t, **st, **tm})
-    table = pd.DataFrame.from_records(rows)
-    table["seed"] = table["seed"].astype("Int64")
-    for k, val in meta.items():
-        table[k] = val
-    table["ci_method"] = "wilson95"
-    order = ["condition", "op", "groups", "seed", "n_seeds", "item_type", "n_items", "n_correct",
-             "accuracy", "ci_low", "ci_high", "accuracy_sd", "chance", "visual_tokens", "tokens_kept",
-             "tokens_kept_frac", "visual_tokens_per_layer", "flops", "flops_rel", "latency_ms",
-             "peak_mem_mb", "peak_mem_delta_mb", "params", "ci_method", *meta]
-    return table[order + [c for c in table.columns if c not in order]]

@@ -8,8 +8,13 @@
   attention mask, rotary ``position_embeddings`` and ``position_ids`` gathered to that
   subset), and the forward hook scatters the layer's output back into the full sequence,
   leaving the absent tokens' hidden states untouched;
-* **forward pre-hooks restricting every layer's attention mask** for packed sequences
-  (answers see the shared prompt and themselves only).
+* **forward pre-hooks restricting a layer's attention mask**: for packed sequences on
+  every layer (answers see the shared prompt and themselves only), and for attention
+  knockouts on the knockout's layers (``knock_*`` of the plan).
+
+With ``allow_cache`` (generation, :mod:`.generate`), the prefill may fill a KV cache: a
+layer that sees a token subset then caches the present tokens only, which the decode
+masks of :mod:`.generate` account for.
 
 The layers and sublayers come from `embedlens.models.parts`; masks are bool for sdpa and
 additive float for eager attention (the implementation the model reports).
@@ -33,8 +38,9 @@ if TYPE_CHECKING:  # the runner assembles the batch; only its fields are read he
 class _Subset:
     """The present tokens of a batch at the layers that leave some tokens out."""
 
-    def __init__(self, present: torch.Tensor, impl: str):
+    def __init__(self, present: torch.Tensor, impl: str, allow_cache: bool = False):
         self.present = present  # (B, T) bool
+        self.allow_cache = allow_cache
         B, T = present.shape
         counts = present.sum(1)
         self.U = int(counts.max()) if B else 0
@@ -104,8 +110,13 @@ class _Subset:
 
     # hooks ------------------------------------------------------------------
     def pre_hook(self, module, args, kwargs):
-        if kwargs.get("past_key_values") is not None and kwargs.get("use_cache"):
-            raise NotImplementedError("interventions act on the prefill only (no KV cache)")
+        # A cache filled here holds only the present tokens of this layer; only the
+        # generation path, whose decode masks know that layout, may allow it. (transformers
+        # 5 names the kwarg ``cache``; older versions ``past_key_values``.)
+        has_cache = kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
+        if has_cache and kwargs.get("use_cache") and not self.allow_cache:
+            raise NotImplementedError("interventions act on the prefill only (no KV cache); "
+                                      "use embedlens.compress.generate for cached decoding")
         if args:
             hidden, args = args[0], args[1:]
         else:
@@ -143,14 +154,12 @@ def _zero_rows_hook(mask: torch.Tensor):
     return hook
 
 
-# --------------------------------------------------------------------------- packed answers
-class _Tree:
-    """Restricts each layer's attention mask so that packed answers see the shared prompt
-    and their own tokens only (keys of other answers are hidden)."""
+# --------------------------------------------------------------------------- mask restriction
+class _Restrict:
+    """Restricts a layer's attention mask to ``allowed`` (B, T_q, T_k) bool (AND)."""
 
-    def __init__(self, branch: torch.Tensor, impl: str):
-        kq = branch[:, None, :]
-        self.allowed = (kq < 0) | (kq == branch[:, :, None])  # (B, T_q, T_k)
+    def __init__(self, allowed: torch.Tensor, impl: str):
+        self.allowed = allowed
         self.impl = impl
         self._masks: dict[int, object] = {}
 
@@ -182,11 +191,36 @@ class _Tree:
         return args, kwargs
 
 
+class _Tree(_Restrict):
+    """Packed answers see the shared prompt and their own tokens only (keys of other
+    answers are hidden)."""
+
+    def __init__(self, branch: torch.Tensor, impl: str):
+        kq = branch[:, None, :]
+        super().__init__((kq < 0) | (kq == branch[:, :, None]), impl)
+
+
+def knockout_allowed(keys: torch.Tensor, text: torch.Tensor, edges) -> torch.Tensor:
+    """(B, T_q, T_k) bool: the attention a knockout leaves, from ``keys`` (B, T) (the
+    knocked visual tokens) and ``text`` (B, T) (text queries after the first visual token);
+    `edges` as in :func:`.spec.knockout`."""
+    T = keys.shape[1]
+    cut = torch.zeros(keys.shape[0], T, T, dtype=torch.bool, device=keys.device)
+    if "visual->visual" in edges:
+        eye = torch.eye(T, dtype=torch.bool, device=keys.device)[None]
+        cut |= keys[:, :, None] & keys[:, None, :] & ~eye
+    if "text->visual" in edges:
+        cut |= text[:, :, None] & keys[:, None, :]
+    return ~cut
+
+
 @contextmanager
-def intervention_hooks(model, batch: AssembledBatch):
+def intervention_hooks(model, batch: AssembledBatch, *, allow_cache: bool = False):
     """Hooks carrying out `batch`'s plan on `model`'s decoder layers for one forward pass
-    (removed on exit): packed-answer masks (``branch``), zeroed sublayer outputs (``skip``
-    at ``sublayers``), token subsets at ``absent_layers`` (``inject``/``exit``).
+    (removed on exit): packed-answer masks (``branch``), knockout masks (``knock_*`` at
+    ``knock_layers``), zeroed sublayer outputs (``skip`` at ``sublayers``), token subsets at
+    ``absent_layers`` (``inject``/``exit``/``prune_inject``). `allow_cache`: let a KV cache
+    be filled (the prefill of :func:`.generate.generate`); refused otherwise.
 
     Raises:
         UnsupportedModelError: no decoder layer list, or a skipped sublayer cannot be found.
@@ -200,6 +234,11 @@ def intervention_hooks(model, batch: AssembledBatch):
             # registered before the subset hooks: those slice the already restricted mask
             for layer in layers:
                 handles.append(layer.register_forward_pre_hook(tree.pre_hook, with_kwargs=True))
+        if batch.knock_edges and batch.knock_layers and batch.knock_keys.any():
+            knock = _Restrict(knockout_allowed(batch.knock_keys, batch.knock_text, batch.knock_edges), impl)
+            # before the subset hooks too, for the same reason
+            for n in sorted(batch.knock_layers):
+                handles.append(layers[n].register_forward_pre_hook(knock.pre_hook, with_kwargs=True))
         if batch.sublayers and batch.skip.any():
             for s in batch.sublayers:
                 n = int(math.floor(s))
@@ -207,7 +246,7 @@ def intervention_hooks(model, batch: AssembledBatch):
                 # prepend: run before transformers' own output-recording hooks
                 handles.append(mod.register_forward_hook(_zero_rows_hook(batch.skip), prepend=True))
         if batch.absent_layers and batch.absent.any():
-            sub = _Subset(~batch.absent, impl)
+            sub = _Subset(~batch.absent, impl, allow_cache=allow_cache)
             for n in sorted(batch.absent_layers):
                 handles.append(layers[n].register_forward_pre_hook(sub.pre_hook, with_kwargs=True))
                 handles.append(layers[n].register_forward_hook(sub.post_hook, with_kwargs=True, prepend=True))

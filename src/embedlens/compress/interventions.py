@@ -24,7 +24,13 @@ called in the standard transformers way, plus
   absent from layer ``L`` on (their last state is never read again);
 * **forward pre-hooks restricting every layer's attention mask** for sequences built by
   :func:`pack_choices` (several answers after one copy of the prompt, each answer seeing
-  only the prompt and itself: prefix sharing for scoring without a KV cache).
+  only the prompt and itself: prefix sharing for scoring without a KV cache), and on the
+  layers of a ``knockout`` (visual->visual and/or text->visual attention edges cut; also the
+  layer-0 cut of ``skip(..., reference_layer0=True)``);
+* ``prune_inject`` composes the rebuild (prune its groups) with the token subsets of
+  ``inject`` (the remaining visual tokens bypass layers ``< layer``).
+
+Greedy generation with a KV cache under the same interventions is in :mod:`.generate`.
 
 The decoder, its layers and their ``self_attn``/``mlp`` sublayers, the image token id and
 the attention implementation come from `embedlens.models.parts` (the same lookup as
@@ -51,7 +57,8 @@ naming the class.
 
 Limits
 ------
-* Prefill only: one complete forward per sequence, no KV cache.
+* Here, prefill only: one complete forward per sequence, no KV cache (cached decoding:
+  :mod:`.generate`).
 * One intervention per pass (the plan/forward machinery composes a rebuild with skip or
   absent tokens, but conditions name a single op).
 * Sliding-window layers (Gemma 3, Mistral with a window): a rebuilt sequence (``prune``)
@@ -63,10 +70,12 @@ Limits
 
 Token groups
 ------------
-A visual token's group is its categorize label (``vit_sink``, ``llm_sink``, ``dead``,
-``alive``; docs/methods.md §1, the label is the first matching group, so groups partition the
-visual tokens). Aliases: ``sink``/``sinks`` = ``vit_sink`` + ``llm_sink``; ``visual``/``all``
-= every visual token. Visual token ``j`` of an image is the ``j``-th position (in sequence
+A visual token belongs to a group (``vit_sink``, ``llm_sink``, ``dead``; docs/methods.md §1)
+when an anchor id of the group is among its top-k vocabulary neighbours (membership, the
+reference semantics and the default; groups may overlap, ``alive`` = in none), or, with an
+intervention's ``select="label"``, when its exclusive categorize label is the group (the first
+matching group, a partition); see :class:`TokenGroups`. Aliases: ``sink``/``sinks`` =
+``vit_sink`` + ``llm_sink``; ``visual``/``all`` = every visual token. Visual token ``j`` of an image is the ``j``-th position (in sequence
 order) whose input id is the model's image token id, the same order as the store's
 ``token`` coordinate.
 """
@@ -82,7 +91,14 @@ from embedlens.models.parts import attn_implementation, decoder_of, image_token_
 from embedlens.models.parts import decoder_layers  # noqa: F401 - re-exported (callers count layers with it)
 
 from .hooks import intervention_hooks
-from .plan import AssembledBatch, Plan, plan_for, random_matched_removal  # noqa: F401 - re-exported
+from .plan import (  # noqa: F401 - re-exported
+    AssembledBatch,
+    Plan,
+    TokenGroups,
+    plan_for,
+    random_matched_removal,
+    token_groups,
+)
 from .sequences import (  # noqa: F401 - re-exported
     TokenSequence,
     answer_field_values,
@@ -92,16 +108,21 @@ from .sequences import (  # noqa: F401 - re-exported
     packing_is_exact,
 )
 from .spec import (  # noqa: F401 - re-exported
+    EDGES,
     GROUP_ALIASES,
+    GROUPS,
     LABELS,
     OPS,
+    SELECTIONS,
     Intervention,
     baseline,
     exit,  # noqa: A004 - the name docs/methods.md §4 uses
     exit_at,
     inject,
     keep,
+    knockout,
     prune,
+    prune_inject,
     random_matched,
     resolve_groups,
     skip,
@@ -173,7 +194,8 @@ def _pad_stack(rows: list[torch.Tensor], length: int, value=0) -> torch.Tensor:
 def _assemble(seqs: Sequence[TokenSequence], plans: Sequence[Plan], device, dtype) -> AssembledBatch:
     subl = {p.sublayers for p in plans}
     absl = {p.absent_layers for p in plans}
-    if len(subl) > 1 or len(absl) > 1:
+    knl = {(p.knock_edges, p.knock_layers) for p in plans}
+    if len(subl) > 1 or len(absl) > 1 or len(knl) > 1:
         raise ValueError("all sequences of a batch must share the intervention's layer choice")
     index = [p.keep.nonzero().flatten() for p in plans]
     T = max(int(i.shape[0]) for i in index)
@@ -181,7 +203,7 @@ def _assemble(seqs: Sequence[TokenSequence], plans: Sequence[Plan], device, dtyp
     d = seqs[0].embeds.shape[-1]
     embeds = torch.zeros(B, T, d, dtype=dtype, device=device)
     am = torch.zeros(B, T, dtype=torch.long, device=device)
-    skip = torch.zeros(B, T, dtype=torch.bool, device=device)
+    skip_rows = torch.zeros(B, T, dtype=torch.bool, device=device)
     absent = torch.zeros(B, T, dtype=torch.bool, device=device)
     pos_rows, field_rows = [], {k: [] for k in seqs[0].fields}
     R = {s.position_ids.shape[0] for s in seqs}
@@ -191,7 +213,7 @@ def _assemble(seqs: Sequence[TokenSequence], plans: Sequence[Plan], device, dtyp
         n = int(idx.shape[0])
         embeds[b, :n] = s.embeds[idx].to(device=device, dtype=dtype)
         am[b, :n] = 1
-        skip[b, :n] = p.skip[idx].to(device)
+        skip_rows[b, :n] = p.skip[idx].to(device)
         if p.absent is not None:
             absent[b, :n] = p.absent[idx].to(device)
         pos = s.position_ids[:, idx].to(device)
@@ -213,8 +235,16 @@ def _assemble(seqs: Sequence[TokenSequence], plans: Sequence[Plan], device, dtyp
         for b, (s, idx) in enumerate(zip(seqs, index)):
             # an unpacked row is one branch-free prompt: everything -1 (plain causal)
             branch[b, : idx.shape[0]] = s.branch[idx].to(device) if s.branch is not None else -1
-    return AssembledBatch(embeds, am, position_ids, fields, index, skip, absent,
-                          plans[0].sublayers, plans[0].absent_layers, branch)
+    knock_keys = knock_text = None
+    if plans[0].knock_edges:
+        knock_keys = torch.zeros(B, T, dtype=torch.bool, device=device)
+        knock_text = torch.zeros(B, T, dtype=torch.bool, device=device)
+        for b, (p, idx) in enumerate(zip(plans, index)):
+            knock_keys[b, : idx.shape[0]] = p.knock_keys[idx].to(device)
+            knock_text[b, : idx.shape[0]] = p.knock_text[idx].to(device)
+    return AssembledBatch(embeds, am, position_ids, fields, index, skip_rows, absent,
+                          plans[0].sublayers, plans[0].absent_layers, branch,
+                          knock_keys, knock_text, plans[0].knock_edges, plans[0].knock_layers)
 
 
 @dataclass

@@ -42,9 +42,9 @@ def compress_step(model_dir, dataset_dir, categories_dir, out_dir, settings: Map
                   align_dir: str | Path | None = None, trust_remote_code: bool = False,
                   progress: bool = True) -> pd.DataFrame:
     """``embedlens compress``: :func:`run_compress` with the config section ``settings``
-    (its keys are ``run_compress``'s keywords, plus ``conditions`` and
-    ``use_best_aligned_layer``). The images are preprocessed as for the states the
-    categories came from (the categorize summary's ``preprocess``), so that the tokens
+    (its keys are ``run_compress``'s keywords, plus ``conditions``: a preset name,
+    ``default`` or ``paper``, or a list of condition dicts, and ``use_best_aligned_layer``).
+    The images are preprocessed as for the states the categories came from (the categorize summary's ``preprocess``), so that the tokens
     pruned by category are the tokens that were categorized."""
     s = dict(settings or {})
     conditions = s.pop("conditions", "default")
@@ -55,9 +55,8 @@ def compress_step(model_dir, dataset_dir, categories_dir, out_dir, settings: Map
         cat = read_step(categories, "categorize")
         categories = cat.path("categories")
         s.setdefault("preprocess", cat.summary["results"].get("preprocess", "native"))
-    return run_compress(model_dir, dataset_dir, categories, None if conditions == "default" else conditions,
-                        out_dir, best_aligned_layer=best, trust_remote_code=trust_remote_code,
-                        progress=progress, **s)
+    return run_compress(model_dir, dataset_dir, categories, conditions, out_dir, best_aligned_layer=best,
+                        trust_remote_code=trust_remote_code, progress=progress, **s)
 
 
 read_compress = step_reader("compress")

@@ -25,7 +25,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 #: Pillow's own default limit (``Image.MAX_IMAGE_PIXELS``): 1024 * 1024 * 1024 // 4 // 3.
 DEFAULT_MAX_PIXELS = 89_478_485
@@ -62,6 +62,19 @@ def _open_header(path: Path) -> Image.Image:
             return Image.open(path)
         finally:
             Image.MAX_IMAGE_PIXELS = old
+
+
+def _load_strict(im: Image.Image) -> None:
+    """``im.load()`` with truncated files refused, whatever Pillow's process-global
+    ``ImageFile.LOAD_TRUNCATED_IMAGES`` says: lmms-eval sets it to True on import (its
+    ``api/task.py``), which would let a truncated file through as half-grey pixels."""
+    with _PIL_GLOBALS_LOCK:
+        old = ImageFile.LOAD_TRUNCATED_IMAGES
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+        try:
+            im.load()
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = old
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -131,7 +144,7 @@ def load_rgb(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXEL
             # thumbnail shows). Image.open already sits on it; seek(0) is explicit.
             if getattr(im, "n_frames", 1) > 1:
                 im.seek(0)
-            im.load()  # decode now, inside the try: truncation shows up here
+            _load_strict(im)  # decode now, inside the try: truncation shows up here
             # EXIF orientation (phone photos): rotate the pixels upright. A broken
             # EXIF block must not cost the image, so fall back to the raw orientation.
             try:

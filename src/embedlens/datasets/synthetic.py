@@ -109,6 +109,10 @@ class SyntheticExample:
     letter_colour: str | None = None
     shape_block: tuple[int, int, int] = (0, 0, 0)  # (row, col, size) in cells
     letter_block: tuple[int, int, int] | None = None
+    # Exact boxes of the painted pixels, (x, y, width, height) in pixels with (x, y) the
+    # top-left pixel edge (COCO's bbox convention): the tight box of the binary mask.
+    shape_box: tuple[int, int, int, int] = (0, 0, 0, 0)
+    letter_box: tuple[int, int, int, int] | None = None
     meta: dict = field(default_factory=dict)
 
 
@@ -281,16 +285,19 @@ def _make_one(index: int, seed: int, image_size: int, grid: int, p_letter: float
         for task, value in assign.items():
             labels[task][sel] = value
         labels["background"][sel] = 0
+        ys, xs = np.nonzero(full)
+        return (int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1))
 
-    place(
+    shape_box = place(
         shape_block,
         lambda w, h: _shape_mask(shape, w, h),
         COLOURS[colour],
         SHAPE_MIN_COVERAGE,
         {"colour": ci, "shape": SHAPE_NAMES.index(shape)},
     )
+    letter_box = None
     if letter is not None:
-        place(
+        letter_box = place(
             letter_block,
             lambda w, h: _glyph_mask(letter, w, h),
             COLOURS[letter_colour],
@@ -333,6 +340,8 @@ def _make_one(index: int, seed: int, image_size: int, grid: int, p_letter: float
         letter_colour=letter_colour,
         shape_block=shape_block,
         letter_block=letter_block,
+        shape_box=shape_box,
+        letter_box=letter_box,
         meta={"background_rgb": list(bg)},
     )
 

@@ -173,20 +173,26 @@ class VLMAdapter:
         trust_remote_code: bool = False,
         attn_implementation: str | Sequence[str] | None = None,
         local_files_only: bool = False,
+        device_map: str | dict | None = None,
+        quantization: str | None = None,
     ) -> "VLMAdapter":
         """Load model and processor from a local directory (see `embedlens.models.resolve`)
         through `embedlens.models.loading`: `dtype` by name or torch dtype, the model moved
         to `device`; `attn_implementation` one name or several in order of preference
-        (``("sdpa", "eager")`` falls back to eager where sdpa is unsupported).
+        (``("sdpa", "eager")`` falls back to eager where sdpa is unsupported); `device_map`
+        and `quantization` as `embedlens.models.loading.load_model` (a model over several
+        GPUs, 8/4-bit weights).
 
         Raises:
             ValueError: unknown dtype, or no auto class / attention implementation loads it.
+            RuntimeError: quantization without bitsandbytes or CUDA, device_map without accelerate.
             UnsupportedModelError: see the class.
         """
         path = Path(path)
         processor = load_processor(path, trust_remote_code, local_files_only=local_files_only)
         model = load_model(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
-                           attn_implementation=attn_implementation, local_files_only=local_files_only)
+                           attn_implementation=attn_implementation, local_files_only=local_files_only,
+                           device_map=device_map, quantization=quantization)
         return cls(model, processor, path)
 
     # ------------------------------------------------------------------ parts
@@ -225,7 +231,9 @@ class VLMAdapter:
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        # the first floating-point parameter: an 8-bit model's first weights may be int8
+        return next((p.dtype for p in self.model.parameters() if p.is_floating_point()),
+                    next(self.model.parameters()).dtype)
 
     @property
     def text_config(self):

@@ -166,6 +166,41 @@ def _names_attention(exc: Exception, impl: str) -> bool:
     return any(w in msg for w in _ATTN_ERROR_WORDS.get(impl, (impl,)))
 
 
+#: ``quantization`` values: 8-bit (LLM.int8) or 4-bit (NF4) weights through bitsandbytes
+QUANTIZATIONS = ("8bit", "4bit")
+
+
+def quantization_config(quantization: str | None, dtype: torch.dtype):
+    """transformers' ``BitsAndBytesConfig`` for ``quantization`` ("8bit", "4bit"; None: None).
+
+    Quantized weights change the values a model computes: the states of a quantized model
+    are not the checkpoint's (the store records ``quantization``; its settings hash differs).
+
+    Raises:
+        ValueError: an unknown ``quantization``.
+        RuntimeError: bitsandbytes is not installed, or no CUDA device is visible (it is
+            CUDA-only); the message says what to do.
+    """
+    if quantization is None:
+        return None
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {list(QUANTIZATIONS)} or null, got {quantization!r}")
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise RuntimeError(f"quantization: {quantization!r} needs the bitsandbytes package, which is not "
+                           "installed (it is CUDA-only and not in the project's lock): `pip install "
+                           "bitsandbytes` into this environment on a CUDA machine, or set quantization: null")
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"quantization: {quantization!r} (bitsandbytes) needs a CUDA GPU and none is "
+                           "visible; set quantization: null to load the full-precision weights")
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+
+
 def load_model(
     path: str | Path,
     *,
@@ -174,8 +209,17 @@ def load_model(
     trust_remote_code: bool = False,
     attn_implementation: str | Sequence[str] | None = None,
     local_files_only: bool = False,
+    device_map: str | dict | None = None,
+    quantization: str | None = None,
 ) -> torch.nn.Module:
     """The model saved in `path`, in `dtype`, on `device`, in eval mode.
+
+    ``device_map`` (a model larger than one GPU): None moves the whole model to `device`;
+    ``"auto"``/``"balanced"``/``"sequential"`` (or an explicit module → device dict) lets
+    accelerate spread its layers over every device the process sees (`device` is then
+    unused; activations move between devices at layer boundaries, the values are the same).
+    ``quantization`` ("8bit", "4bit"): bitsandbytes weights (`quantization_config`; CUDA
+    only, placed by ``device_map``, "auto" when not given); they change the values computed.
 
     The first of ``AutoModelForImageTextToText``, ``AutoModelForVision2Seq``,
     ``AutoModelForCausalLM`` that recognises the config loads it. `attn_implementation`:
@@ -193,6 +237,13 @@ def load_model(
     kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype), "trust_remote_code": trust_remote_code}
     if local_files_only:
         kwargs["local_files_only"] = True
+    quant = quantization_config(quantization, kwargs["dtype"])
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        device_map = device_map or "auto"  # a bitsandbytes model cannot be moved after loading
+    if device_map is not None:
+        _require_accelerate()
+        kwargs["device_map"] = device_map
     prefs = [attn_implementation] if isinstance(attn_implementation, str) or attn_implementation is None \
         else list(attn_implementation)
     if not prefs:
@@ -207,5 +258,24 @@ def load_model(
             if i + 1 == len(prefs) or not impl or not _names_attention(exc, impl):
                 raise
             log.info("%s: attention %r unavailable, trying %r (%s)", path, impl, prefs[i + 1], exc)
-    model.to(device)
+    if device_map is None:
+        model.to(device)
     return model.eval()
+
+
+def _require_accelerate() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("accelerate") is None:
+        raise RuntimeError("device_map needs the accelerate package (in envs/lock-py311.txt): install the "
+                           "project's environment, or set device_map: null to load onto one device")
+
+
+def placement(model: torch.nn.Module) -> dict[str, int]:
+    """Where a model's weights are: ``{device: number of parameter tensors}`` (for the store's
+    provenance of a model loaded with a ``device_map``; accelerate's own ``hf_device_map``
+    is absent when the map puts everything on one device). Raises nothing."""
+    out: dict[str, int] = {}
+    for p in model.parameters():
+        out[str(p.device)] = out.get(str(p.device), 0) + 1
+    return out

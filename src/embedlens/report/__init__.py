@@ -60,6 +60,7 @@ from .sections import (
     collect_methods_notes,
     section_alignment,
     section_anchors,
+    section_benchmarks,
     section_category_maps,
     section_category_shares,
     section_compression,
@@ -76,6 +77,7 @@ from .summary import (
     summary_alignment,
     summary_alive,
     summary_anchors,
+    summary_benchmarks,
     summary_compression,
     summary_reports,
 )
@@ -86,7 +88,8 @@ __all__ = [
     "ReportInputs", "callout", "collect_methods_notes", "execute_notebook", "export_html", "figure_alt",
     "figure_png", "html_exporter", "load_inputs", "load_summary_rows", "looks_like_reference_model", "main", "md",
     "read_timings", "render_report", "render_summary", "section_alignment", "section_anchors",
-    "section_category_maps", "section_category_shares", "section_compression", "section_header", "section_methods",
+    "section_benchmarks", "section_category_maps", "section_category_shares", "section_compression",
+    "section_header", "section_methods",
     "section_nearest_words", "section_norms", "section_probe", "section_provenance", "show", "summary_alignment",
-    "summary_alive", "summary_anchors", "summary_compression", "summary_reports", "table",
+    "summary_alive", "summary_anchors", "summary_benchmarks", "summary_compression", "summary_reports", "table",
 ]

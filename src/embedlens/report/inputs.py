@@ -88,6 +88,9 @@ class ReportInputs:
     align_summary: dict[str, Any] | None = None
     compress: pd.DataFrame | None = None
     compress_summary: dict[str, Any] | None = None
+    #: the model's standard-benchmark table (``embedlens.bench``; per model, not per data set)
+    benchmarks: pd.DataFrame | None = None
+    benchmarks_summary: dict[str, Any] | None = None
     #: seconds per workflow step from the ``timings`` parameter (see :func:`read_timings`)
     timings: dict[str, float] = field(default_factory=dict)
     missing: dict[str, str] = field(default_factory=dict)
@@ -137,6 +140,7 @@ def load_inputs(
     text_states_dir: str | None = None,
     align_dir: str | None = None,
     compress_dir: str | None = None,
+    benchmarks_dir: str | None = None,
     model_id: str | None = None,
     is_reference_model: bool | None = None,  # noqa: A002 - the parameter's name
     config_hash: str | None = None,
@@ -159,7 +163,8 @@ def load_inputs(
                        params={"dataset_dir": dataset_dir, "hidden_index": hidden_index, "vocab": vocab,
                                "anchors_dir": anchors_dir, "categorize_dir": categorize_dir, "lens_dir": lens_dir,
                                "probe_dir": probe_dir, "text_states_dir": text_states_dir,
-                               "align_dir": align_dir, "compress_dir": compress_dir, "model_id": model_id,
+                               "align_dir": align_dir, "compress_dir": compress_dir, "benchmarks_dir": benchmarks_dir,
+                               "model_id": model_id,
                                "config_hash": config_hash, "timings": timings, **extra})
     miss = inp.missing
 
@@ -313,6 +318,11 @@ def load_inputs(
             if inp.compress.empty:
                 miss["compress"] = f"{co.path('compress')} has no rows"
 
+    # --- standard benchmarks (per model)
+    bench = _read_benchmarks(benchmarks_dir, miss)
+    if bench is not None:
+        inp.benchmarks_summary, inp.benchmarks = bench
+
     inp.timings = read_timings(timings)
 
     if is_reference_model is None:
@@ -322,6 +332,24 @@ def load_inputs(
     else:
         inp.is_reference = bool(is_reference_model)
     return inp
+
+
+def _read_benchmarks(directory: Any, miss: dict[str, str]):
+    """(flattened summary, table) of the model's benchmarks step, or None (reason in `miss`)."""
+    from embedlens.bench.steps import read_benchmarks
+
+    if not directory:
+        miss["benchmarks"] = ("the standard benchmarks were not run for this model (config.yaml "
+                              "benchmarks.tasks is empty, or the model is left out of them)")
+        return None
+    b = _read_step(read_benchmarks, directory, "benchmarks", miss, "standard-benchmark output")
+    if b is None:
+        return None
+    t = b.table("table")
+    if t.empty:
+        miss["benchmarks"] = f"{b.path('table')} has no rows"
+        return None
+    return _flat(b.summary), t
 
 
 def read_timings(spec: Any) -> dict[str, float]:
@@ -362,10 +390,11 @@ def read_timings(spec: Any) -> dict[str, float]:
 
 def read_summary_outputs(entry: Mapping[str, Any]) -> dict[str, Any]:
     """What the summary page shows of one model × data-set entry (``categorize_dir``,
-    ``align_dir`` and ``compress_dir``; each optional), read through the steps' readers.
+    ``align_dir``, ``compress_dir`` and ``benchmarks_dir``; each optional), read through the steps' readers.
 
     Returns ``{"cat": categorize summary (dict), "align": align summary (dict), "compress":
-    the compression table (DataFrame), "missing": {name: reason}}``, the first three only
+    the compression table (DataFrame), "benchmarks": the model's benchmark table, "missing":
+    {name: reason}}``, all but "missing" only
     when present and readable.
     """
     from embedlens.analysis import read_align, read_categorize
@@ -391,4 +420,7 @@ def read_summary_outputs(entry: Mapping[str, Any]) -> dict[str, Any]:
             r["missing"]["compress"] = f"unreadable: {exc}"
     else:
         r["missing"]["compress"] = "not run" if not entry.get("compress_dir") else miss.get("compress", "not run")
+    bench = _read_benchmarks(entry.get("benchmarks_dir"), r["missing"])
+    if bench is not None:
+        r["benchmarks"] = bench[1]
     return r

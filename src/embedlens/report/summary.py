@@ -13,6 +13,7 @@ import pandas as pd
 
 from .display import GROUPS, REFERENCE_ALIVE_SHARE, _figure, _pct, _tok, callout, md, table
 from .inputs import looks_like_reference_model, read_summary_outputs
+from .sections.benchmarks import summary_benchmarks  # noqa: F401 - the index section, re-exported
 from .sections.compress import _condition_rows
 
 #: Section headings of the summary page (``results/reports/index.html``).
@@ -22,6 +23,7 @@ SUMMARY_SECTIONS: tuple[str, ...] = (
     "Anchors",
     "Best-aligned layer",
     "Compression deltas vs baseline",
+    "Standard benchmarks",
 )
 
 

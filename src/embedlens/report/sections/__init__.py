@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from .align import section_alignment
 from .anchors import section_anchors
+from .benchmarks import section_benchmarks, summary_benchmarks
 from .categories import section_category_maps, section_category_shares
 from .compress import section_compression
 from .lens import section_nearest_words
@@ -28,11 +29,13 @@ SECTIONS = (
     section_probe,
     section_alignment,
     section_compression,
+    section_benchmarks,
     section_methods,
 )
 
 __all__ = [
     "EXPECTED_OURS", "REPORT_SECTIONS", "SECTIONS", "collect_methods_notes", "section_alignment", "section_anchors",
     "section_category_maps", "section_category_shares", "section_compression", "section_header", "section_methods",
-    "section_nearest_words", "section_norms", "section_probe", "section_provenance",
+    "section_nearest_words", "section_norms", "section_probe", "section_provenance", "section_benchmarks",
+    "summary_benchmarks",
 ]

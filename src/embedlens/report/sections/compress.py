@@ -23,6 +23,14 @@ def _condition_rows(c: pd.DataFrame) -> pd.DataFrame:
     return d.drop_duplicates("condition")
 
 
+def _fmt_delta(x: float, lo: float, hi: float) -> str:
+    """Δ in percentage points with its paired interval ("" for the baseline itself)."""
+    if not np.isfinite(x):
+        return ""
+    ci = f" [{100 * lo:+.1f}, {100 * hi:+.1f}]" if np.isfinite(lo) and np.isfinite(hi) else ""
+    return f"{100 * x:+.1f}{ci}"
+
+
 def section_compression(inp: ReportInputs) -> list:
     """Section "Compression benchmark": accuracy [CI] and cost per condition, accuracy vs
     FLOPs / latency, and accuracy per VQA item type."""
@@ -37,7 +45,16 @@ def section_compression(inp: ReportInputs) -> list:
     d = _condition_rows(c).copy()
     base = d[d["op"] == "baseline"]
     base_acc = float(base["accuracy"].iloc[0]) if len(base) else float("nan")
-    d["Δ accuracy vs baseline (pp)"] = 100 * (d["accuracy"] - base_acc)
+    if {"delta", "delta_ci_low", "delta_ci_high"} <= set(d):
+        # the paired Δ over the same items (seeds averaged per item first), not a difference
+        # of two independent accuracies
+        d["Δ accuracy vs baseline (pp)"] = [_fmt_delta(x, lo, hi) for x, lo, hi in
+                                            zip(d["delta"], d["delta_ci_low"], d["delta_ci_high"])]
+    else:
+        d["Δ accuracy vs baseline (pp)"] = 100 * (d["accuracy"] - base_acc)
+    if "nothing_removed" in d:
+        flagged = d["nothing_removed"].fillna(False).astype(bool)
+        d.loc[flagged, "Δ accuracy vs baseline (pp)"] = "nothing removed"
     if {"ci_low", "ci_high"} <= set(d):
         d["accuracy [CI]"] = [f"{_fmt_pct(a)} [{100 * lo:.1f}, {100 * hi:.1f}]"
                               for a, lo, hi in zip(d["accuracy"], d["ci_low"], d["ci_high"])]
@@ -45,14 +62,16 @@ def section_compression(inp: ReportInputs) -> list:
         d["accuracy [CI]"] = d["accuracy"].map(_fmt_pct)
     cols = {"condition": "condition", "op": "op", "groups": "groups", "n_items": "items",
             "accuracy [CI]": "accuracy [CI]", "Δ accuracy vs baseline (pp)": "Δ accuracy vs baseline (pp)",
-            "accuracy_sd": "sd over seeds", "tokens_kept": "visual tokens kept", "tokens_kept_frac": "tokens kept",
+            "p_mcnemar": "p (McNemar)", "select": "selection", "accuracy_sd": "sd over seeds", "tokens_kept": "visual tokens kept", "tokens_kept_frac": "tokens kept",
             "flops_rel": "prefill FLOPs (rel.)", "latency_ms": "latency (ms)", "peak_mem_mb": "peak memory (MB)"}
     tab = d[[k for k in cols if k in d]].rename(columns=cols)
     out: list = [md("Multiple-choice VQA accuracy under each intervention on the visual tokens (length-normalized "
                     "log-likelihood of each choice), with its cost: visual tokens kept, theoretical prefill FLOPs "
                     "relative to the baseline, measured prefill latency (median) and peak memory. Accuracy CI: "
-                    f"{c['ci_method'].iloc[0] if 'ci_method' in c else 'as recorded'}; random_matched rows are the "
-                    "mean over seeds.")]
+                    f"{c['ci_method'].iloc[0] if 'ci_method' in c else 'as recorded'}. Δ vs baseline: paired over the same "
+                    "items, percentage points [paired bootstrap 95 % interval], exact McNemar p; random_matched "
+                    "rows average their seeds per item first (docs/methods.md §4, §6). A condition whose target "
+                    "group is empty in every image shows \"nothing removed\" instead of a Δ.")]
     if not len(base):
         out.append(callout("compression deltas: no baseline condition in the table"))
     out.append(table(tab, percent=[x for x in ("tokens kept", "prefill FLOPs (rel.)") if x in tab], precision=2))

@@ -31,6 +31,7 @@ REPORT_SECTIONS: tuple[str, ...] = (
     "Probe accuracy and selectivity",
     "Layer alignment",
     "Compression benchmark",
+    "Standard benchmarks",
     "Methods and deviations",
 )
 
@@ -168,7 +169,8 @@ def section_provenance(inp: ReportInputs) -> list:
     trows = []
     for name, summ in (("categorize", inp.cat_summary), ("layer lens", inp.lens_info),
                        ("probe", inp.probe_summary), ("text states", inp.text_states_summary),
-                       ("align", inp.align_summary), ("compress", inp.compress_summary)):
+                       ("align", inp.align_summary), ("compress", inp.compress_summary),
+                       ("benchmarks", inp.benchmarks_summary)):
         if summ and summ.get("seconds") is not None:
             trows.append({"step": name, "seconds": float(summ["seconds"]), "source": "output summary"})
     for name, sec in inp.timings.items():
