@@ -350,5 +350,9 @@ def test_v2_training_runs_and_is_deterministic(tiny_llava, tmp_path):
     b = train_mini_v2(tiny_llava, tmp_path / "b", objs_dir, **kw)
     assert a["stage1"]["loss"] == b["stage1"]["loss"] and a["stage2"]["loss"] == b["stage2"]["loss"]
     assert a["sha256"] == b["sha256"]
-    assert (tmp_path / "a" / "adapter" / "adapter_config.json").is_file()
+    from embedlens.mini.lora import BASE_MODEL_NAME
+
+    cfg = [(tmp_path / d / "adapter" / "adapter_config.json").read_text() for d in ("a", "b")]
+    assert cfg[0] == cfg[1]  # byte-identical: no path of the (temporary) base model in it
+    assert json.loads(cfg[0])["base_model_name_or_path"] == BASE_MODEL_NAME
     assert a["n_examples"]["all"] > a["n_examples"]["captions"] == 6

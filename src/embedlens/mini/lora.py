@@ -21,6 +21,8 @@ LORA_ALPHA = 32
 LORA_TARGET_REGEX = r".*language_model\.(?:model\.)?layers\.\d+\.(?:self_attn\.(?:q|k|v|o)_proj|mlp\.(?:gate|up|down)_proj)"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+#: what adapter_config.json records as the base model (the v1 build the adapter was trained on)
+BASE_MODEL_NAME = "embedlens-mini (version 1 build)"
 
 
 def lora_config(rank: int = LORA_RANK, alpha: int = LORA_ALPHA):
@@ -59,6 +61,10 @@ def n_lora_params(model) -> int:
 def save_adapter(peft_model, out_dir: Path | str) -> Path:
     """Write the adapter (``adapter_model.safetensors``, float32, + ``adapter_config.json``)."""
     out_dir = Path(out_dir)
+    # peft records the base model's path: a temporary build directory here, which would make
+    # the config differ run to run (and name a path that no longer exists); record the name
+    for cfg in peft_model.peft_config.values():
+        cfg.base_model_name_or_path = BASE_MODEL_NAME
     peft_model.save_pretrained(str(out_dir), safe_serialization=True)
     readme = out_dir / "README.md"  # peft's model-card stub: the project's card documents the adapter
     if readme.is_file():
