@@ -67,11 +67,20 @@ def _check_models():
 RESOLVED_MODEL_DIRS = _check_models()
 
 
-def mini_projector():
-    """The projector weights embedlens-mini is built with: committed, or retrained."""
-    if CFG["embedlens_mini"]["retrain"]:
-        return "resources/projector/embedlens-mini.safetensors"
-    return str(REPO / "src" / "embedlens" / "mini" / "projector.safetensors")
+def mini_weights():
+    """The weights embedlens-mini is built with (committed, or retrained under resources/),
+    by version: 1 = projector; 2 = projector + LoRA adapter (merged by the build)."""
+    mini = CFG["embedlens_mini"]
+    if mini["version"] == 2:
+        base = "resources/mini-v2" if mini["retrain"] else str(REPO / "src" / "embedlens" / "mini" / "v2")
+        if not mini["retrain"] and not Path(base, "adapter", "adapter_model.safetensors").is_file():
+            raise WorkflowError(f"config.yaml: embedlens_mini.version: 2, but {base}/ holds no trained v2 "
+                                "weights; set embedlens_mini.retrain: true to train them, or use version: 1")
+        return {"projector": f"{base}/projector.safetensors",
+                "adapter": f"{base}/adapter/adapter_model.safetensors"}
+    if mini["retrain"]:
+        return {"projector": "resources/projector/embedlens-mini.safetensors"}
+    return {"projector": str(REPO / "src" / "embedlens" / "mini" / "projector.safetensors")}
 
 
 def model_dir(model):

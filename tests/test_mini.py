@@ -332,3 +332,23 @@ def test_vqa_prefix_cache_reuses_the_image_prefill(tiny_llava):
     got = score_choices(model, proc, blue, "Which shape is it?", choices, answer_sep=" ", prefix_cache=cache)
     np.testing.assert_allclose(got.scores, ref.scores, atol=1e-4)
     assert cache.hits == 1
+
+
+def test_saved_projector_bytes_do_not_depend_on_the_metadata_order(tmp_path):
+    """safetensors writes its metadata map in a random order per map: the saved file is
+    canonicalized (sorted header), so equal weights + metadata give equal bytes, and it loads."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save
+
+    from embedlens.mini.train import _canonical_safetensors
+
+    t = {"b.weight": torch.arange(6.0).reshape(2, 3), "a.bias": torch.ones(3)}
+    m1 = {"format": "pt", "x": "1", "y": '{"k": [1, 2]}', "z": "ü\n"}
+    m2 = dict(reversed(list(m1.items())))
+    outs = {_canonical_safetensors(save(t, metadata=m)) for m in (m1, m2) for _ in range(8)}
+    assert len(outs) == 1
+    (tmp_path / "p.safetensors").write_bytes(outs.pop())
+    back = load_file(tmp_path / "p.safetensors")
+    assert all(torch.equal(back[k], t[k]) for k in t)
+    with safe_open(tmp_path / "p.safetensors", "pt") as f:
+        assert f.metadata() == m1

@@ -97,7 +97,8 @@ def cmd_info(args) -> int:
 def cmd_build_mini(args) -> int:
     from .mini.build import build_mini
 
-    out = build_mini(args.out, args.wheels, projector_path=args.projector)
+    out = build_mini(args.out, args.wheels, projector_path=args.projector, version=args.version,
+                     adapter_dir=args.adapter)
     print(f"{out}: built")
     return 0
 
@@ -107,6 +108,15 @@ def cmd_train_projector(args) -> int:
 
     train_projector_step(args.out, args.wheels, model_dir=args.model_dir, steps=args.steps, seed=args.seed,
                          batch_size=args.batch_size, device=args.device)
+    return 0
+
+
+def cmd_train_mini_v2(args) -> int:
+    from .mini.train_v2 import train_mini_v2_step
+
+    train_mini_v2_step(args.out, args.wheels, args.data, model_dir=args.model_dir,
+                       stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps,
+                       batch_size=args.batch_size, seed=args.seed, n_scenes=args.n_scenes, device=args.device)
     return 0
 
 
@@ -264,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="resources/models/embedlens-mini")
     s.add_argument("--wheels", default="resources/wheels")
     s.add_argument("--projector", default=None, help="projector weights (default: the committed ones)")
+    s.add_argument("--version", type=int, choices=(1, 2), default=DEFAULTS["embedlens_mini"]["version"],
+                   help="1: trained projector; 2: projector + LoRA adapter merged into the LLM")
+    s.add_argument("--adapter", default=None, help="v2 LoRA adapter directory (default: the committed one)")
     s.set_defaults(func=cmd_build_mini)
 
     s = sub.add_parser("train-projector", help="train embedlens-mini's projector on synthetic captions")
@@ -276,6 +289,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=DEFAULTS["embedlens_mini"]["batch_size"])
     s.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     s.set_defaults(func=cmd_train_projector)
+
+    s = sub.add_parser("train-mini-v2", help="train embedlens-mini v2 (projector, then projector + LoRA) "
+                       "on composed real-object scenes (fetches the object images)")
+    s.add_argument("--model-dir", default=None,
+                   help="a built v1 embedlens-mini as the base (default: assemble one from the cached parts)")
+    s.add_argument("--wheels", default="resources/wheels")
+    s.add_argument("--data", default="resources/mini-data", help="cache of the fetched object images")
+    s.add_argument("--out", required=True, help="directory for projector.safetensors, adapter/, training.json")
+    v2 = DEFAULTS["embedlens_mini"]["v2"]
+    s.add_argument("--stage1-steps", type=int, default=v2["stage1_steps"])
+    s.add_argument("--stage2-steps", type=int, default=v2["stage2_steps"])
+    s.add_argument("--n-scenes", type=int, default=v2["n_scenes"])
+    s.add_argument("--seed", type=int, default=DEFAULTS["embedlens_mini"]["seed"])
+    s.add_argument("--batch-size", type=int, default=v2["batch_size"])
+    s.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    s.set_defaults(func=cmd_train_mini_v2)
 
     s = sub.add_parser("eval-model", help="score held-out synthetic VQA items")
     s.add_argument("--model-dir", default="resources/models/embedlens-mini")

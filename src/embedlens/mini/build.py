@@ -80,6 +80,9 @@ from .wheels import (  # noqa: F401 - re-exported
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_PROJECTOR = PACKAGE_DIR / "projector.safetensors"
+#: v2 (projector + LoRA adapter of stage 2, `embedlens.mini.train_v2`), merged at build time
+V2_DIR = PACKAGE_DIR / "v2"
+VERSIONS = (1, 2)
 DEFAULT_OUT_DIR = Path("resources/models/embedlens-mini")
 DEFAULT_WHEELS_DIR = Path("resources/wheels")
 MODEL_NAME = "embedlens-mini"
@@ -193,19 +196,50 @@ def _replace_dir(src: Path, dst: Path) -> None:
 # --------------------------------------------------------------------------------------
 
 
+def v2_weights(projector_path: Path | str | None = None, adapter_dir: Path | str | None = None
+               ) -> tuple[Path, Path]:
+    """(projector, adapter directory) of version 2: the given ones or the committed ones.
+
+    Raises:
+        MiniBuildError: a file is missing (names it and says how to get it).
+    """
+    projector = Path(projector_path) if projector_path else V2_DIR / "projector.safetensors"
+    adapter = Path(adapter_dir) if adapter_dir else V2_DIR / "adapter"
+    for f in (projector, adapter / "adapter_model.safetensors", adapter / "adapter_config.json"):
+        if not f.is_file():
+            raise MiniBuildError(f"embedlens-mini version 2: {f} does not exist; train it with "
+                                 "`embedlens train-mini-v2` (embedlens_mini.retrain: true) or build version 1")
+    return projector, adapter
+
+
 def build_mini(out_dir: Path | str = DEFAULT_OUT_DIR, wheels_dir: Path | str = DEFAULT_WHEELS_DIR,
                projector_path: Path | str | None = None, parts_dir: Path | str | None = None,
-               force_parts: bool = False, verify: bool = True) -> Path:
+               force_parts: bool = False, verify: bool = True, version: int = 1,
+               adapter_dir: Path | str | None = None) -> Path:
     """Build ``embedlens-mini`` into ``out_dir`` and return it.
 
-    ``projector_path``: trained projector weights; ``None`` uses the packaged
-    ``embedlens/mini/projector.safetensors`` when present, else a seeded random projector.
+    ``version`` 1: the projector only (LLM as shipped). ``projector_path``: trained projector
+    weights; ``None`` uses the packaged ``embedlens/mini/projector.safetensors`` when present,
+    else a seeded random projector.
+    ``version`` 2: the v2 projector and the LoRA adapter ``adapter_dir`` (default: the
+    committed ``embedlens/mini/v2/``), merged into the LLM's weights, so the directory loads
+    with plain ``AutoModelForImageTextToText.from_pretrained``.
     ``parts_dir``: cache of converted towers (default ``<out_dir>/../.embedlens-mini-parts``).
+
+    Raises:
+        MiniBuildError: unknown version, missing weights, or a failed part/check.
     """
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
     wheels_dir = Path(wheels_dir)
     parts_dir = Path(parts_dir) if parts_dir else out_dir.parent / f".{out_dir.name}-parts"
+    if int(version) not in VERSIONS:
+        raise MiniBuildError(f"embedlens-mini version {version!r}: choose one of {VERSIONS}")
+    adapter = None
+    if int(version) == 2:
+        projector_path, adapter = v2_weights(projector_path, adapter_dir)
+    elif adapter_dir is not None:
+        raise MiniBuildError("a LoRA adapter is part of version 2 only; pass version=2")
     if projector_path is None and DEFAULT_PROJECTOR.is_file():
         projector_path = DEFAULT_PROJECTOR
     if projector_path is not None and not Path(projector_path).is_file():
@@ -215,6 +249,11 @@ def build_mini(out_dir: Path | str = DEFAULT_OUT_DIR, wheels_dir: Path | str = D
 
     t = time.perf_counter()
     model, processor, info = assemble(parts_dir, Path(projector_path) if projector_path else None)
+    info["version"] = int(version)
+    if adapter is not None:
+        model = merge_lora(model, adapter)
+        info["adapter_sha256"] = sha256_file(adapter / "adapter_model.safetensors")
+        info["adapter_source"] = str(adapter)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = _mkdtemp_like(out_dir)
     try:
@@ -251,6 +290,17 @@ def build_mini(out_dir: Path | str = DEFAULT_OUT_DIR, wheels_dir: Path | str = D
     _log(f"embedlens-mini written to {out_dir}/ (projector: {info['projector_source']}; "
          f"{time.perf_counter() - t_start:.1f} s)")
     return out_dir
+
+
+def merge_lora(model, adapter_dir: Path):
+    """``model`` with the LoRA adapter merged (`embedlens.mini.lora.merge_adapter`), tied
+    embeddings re-tied, in eval mode."""
+    from .lora import merge_adapter
+
+    merged = merge_adapter(model, adapter_dir)
+    merged.tie_weights()
+    merged.eval()
+    return merged
 
 
 # Loads with the plain transformers auto classes (what users of the model directory do); the
@@ -309,9 +359,11 @@ def main(argv: list[str] | None = None) -> int:  # handy for `python -m embedlen
     ap.add_argument("--wheels", default=str(DEFAULT_WHEELS_DIR))
     ap.add_argument("--projector", default=None)
     ap.add_argument("--force-parts", action="store_true")
+    ap.add_argument("--version", type=int, default=1, choices=VERSIONS)
+    ap.add_argument("--adapter", default=None)
     a = ap.parse_args(argv)
     try:
-        build_mini(a.out, a.wheels, a.projector, force_parts=a.force_parts)
+        build_mini(a.out, a.wheels, a.projector, force_parts=a.force_parts, version=a.version, adapter_dir=a.adapter)
     except MiniBuildError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

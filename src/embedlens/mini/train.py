@@ -240,8 +240,27 @@ def projector_state(model) -> dict[str, torch.Tensor]:
             for k, v in _projector(model).state_dict().items()}
 
 
+def _canonical_safetensors(data: bytes) -> bytes:
+    """``data`` (a safetensors file) with its JSON header's keys sorted, so the same tensors
+    and metadata give the same bytes: safetensors writes the metadata map in a per-map random
+    order (a Rust HashMap), so two saves in one process could differ with 2+ metadata keys."""
+    import struct
+
+    n = struct.unpack("<Q", data[:8])[0]
+    header = {k: (dict(sorted(v.items())) if k == "__metadata__" else v)
+              for k, v in sorted(json.loads(data[8:8 + n]).items())}
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > n:  # never seen (same content, compact JSON); keep the tensor offsets' alignment
+        text += b" " * (-len(text) % 8)
+    else:
+        text += b" " * (n - len(text))
+    return struct.pack("<Q", len(text)) + text + data[8 + n:]
+
+
 def save_projector(model, path: Path, metadata: dict[str, Any] | None = None) -> Path:
-    from safetensors.torch import save_file
+    """Write the projector's weights as safetensors with ``metadata``; byte-identical for
+    the same weights and metadata (sorted header)."""
+    from safetensors.torch import save
 
     from embedlens.atomic import atomic_file
 
@@ -249,8 +268,9 @@ def save_projector(model, path: Path, metadata: dict[str, Any] | None = None) ->
     meta = {"format": "pt"}
     for k, v in (metadata or {}).items():
         meta[k] = v if isinstance(v, str) else json.dumps(v)
+    data = _canonical_safetensors(save(projector_state(model), metadata=meta))
     with atomic_file(path) as tmp:
-        save_file(projector_state(model), str(tmp), metadata=meta)
+        Path(tmp).write_bytes(data)
     return path
 
 
