@@ -32,19 +32,12 @@ import torch
 from embedlens.compress import cost as _cost
 from embedlens.compress import interventions as iv
 from embedlens.compress.conditions import Variant, parse_conditions
-from embedlens.compress.plan import TokenGroups
+from embedlens.compress.plan import TokenGroups, visual_mask
 
 from .backend import Answer, GenerationRequest
 
 #: the anchor groups of the EmbedLens rule (docs/methods.md §1)
 GROUPS = ("vit_sink", "llm_sink", "dead")
-
-
-def visual_mask(seq: iv.TokenSequence, device) -> torch.Tensor:
-    """(S,) bool: the visual positions of `seq`."""
-    visual = torch.zeros(len(seq), dtype=torch.bool, device=device)
-    visual[seq.visual_pos] = True
-    return visual
 
 
 def target_count(seq: iv.TokenSequence, plan, num_layers: int) -> int:
@@ -210,11 +203,11 @@ class InterventionBackend:
             base = iv.baseline()
             for r, (seq, groups), plan, toks, done in zip(chunk, prepared, plans, gen.tokens, gen.finished):
                 text = self.tokenizer.decode(toks, skip_special_tokens=True)
+                kept, affected = plan.visual_counts(self.num_layers, visual_mask(seq, plan.keep.device))
                 answers.append(Answer(text=text, info={
                     "condition": self.variant.name, "seed": self.variant.seed,
                     "visual_tokens": seq.n_visual,
-                    "target_tokens": target_count(seq, plan, self.num_layers),
-                    "tokens_kept": plan.visual_counts(self.num_layers, visual_mask(seq, plan.keep.device))[0],
+                    "target_tokens": affected, "tokens_kept": kept,
                     "flops": _cost.prefill_flops(self.shape, plan),
                     "flops_baseline": _cost.prefill_flops(
                         self.shape, iv.plan_for(seq, groups, base, self.num_layers)),

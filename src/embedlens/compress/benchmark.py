@@ -61,6 +61,7 @@ from embedlens.runtime import free_cached_memory, is_out_of_memory
 
 from . import cost as _cost
 from . import interventions as iv
+from .plan import visual_mask
 from .aggregate import aggregate, wilson_interval  # noqa: F401 - re-exported
 from .conditions import (  # noqa: F401 - re-exported: the benchmark's condition language
     PRESETS,
@@ -180,8 +181,7 @@ def _visual_stats(prompt: iv.TokenSequence, plan: iv.Plan, N: int) -> tuple[int,
     """(visual tokens, visual tokens taking part in some layer, mean visual tokens per layer,
     visual tokens the plan removes or changes: deleted, skipped in a sublayer or absent from
     a layer)."""
-    visual = torch.zeros(len(prompt), dtype=torch.bool, device=plan.keep.device)
-    visual[prompt.visual_pos] = True
+    visual = visual_mask(prompt, plan.keep.device)
     per_layer = plan.visual_per_layer(N, visual)
     n_kept, n_affected = plan.visual_counts(N, visual)
     return int(visual.sum()), n_kept, float(np.mean(per_layer)) if N else 0.0, n_affected

@@ -147,6 +147,13 @@ def token_groups(groups: TokenGroups | Sequence[str]) -> TokenGroups:
     return groups if isinstance(groups, TokenGroups) else TokenGroups.from_labels(groups)
 
 
+def visual_mask(seq: TokenSequence, device=None) -> torch.Tensor:
+    """(S,) bool on `device`: True at the visual positions of `seq`."""
+    visual = torch.zeros(len(seq), dtype=torch.bool, device=device)
+    visual[seq.visual_pos] = True
+    return visual
+
+
 @dataclass
 class Plan:
     """What an intervention does to one sequence (all masks over its S positions).
@@ -261,9 +268,7 @@ def plan_for(seq: TokenSequence, groups: TokenGroups | Sequence[str], iv: Interv
     if iv.op == "prune":
         keep &= ~sel
     elif iv.op == "keep":
-        visual = torch.zeros(S, dtype=torch.bool, device=dev)
-        visual[seq.visual_pos] = True
-        keep &= ~(visual & ~sel)
+        keep &= ~(visual_mask(seq, dev) & ~sel)
     elif iv.op == "random_matched":
         rm = random_matched_removal(tg, iv.groups, iv.seed, seq.image_id, iv.select)
         keep[seq.visual_pos[torch.as_tensor(rm, dtype=torch.long, device=dev)]] = False
@@ -284,9 +289,7 @@ def plan_for(seq: TokenSequence, groups: TokenGroups | Sequence[str], iv: Interv
         if iv.layer > num_layers:
             raise ValueError(f"prune_inject({iv.layer}): the model has {num_layers} decoder layers")
         keep &= ~sel
-        visual = torch.zeros(S, dtype=torch.bool, device=dev)
-        visual[seq.visual_pos] = True
-        plan.absent = visual & keep
+        plan.absent = visual_mask(seq, dev) & keep
         plan.absent_layers = frozenset(range(0, iv.layer))
     elif iv.op in ("inject", "exit"):
         if iv.layer > num_layers:
