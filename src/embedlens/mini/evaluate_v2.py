@@ -28,7 +28,7 @@ import torch
 
 from embedlens.vqa import PrefixCache, score_choices
 
-from .compose import make_scenes
+from .compose import make_scenes, vocabulary
 from .evaluate import greedy_caption
 from .sources import load_catalogue
 from .train import load_model
@@ -119,7 +119,8 @@ def evaluate_v2(models: dict[str, Path | str], objects_dir: Path | str, n_scenes
     if V2_DATA_SEED_BASE <= int(seed) < V2_DATA_SEED_BASE + 100_000:
         raise ValueError(f"evaluate_v2: seed {seed} may overlap the training scenes "
                          f"(training uses compose seeds {V2_DATA_SEED_BASE} + training seed)")
-    scenes = make_scenes(int(n_scenes), int(seed), load_catalogue(objects_dir))
+    # the training vocabulary (names with several pictures): new compositions of it
+    scenes = make_scenes(int(n_scenes), int(seed), vocabulary(load_catalogue(objects_dir)))
     report: dict[str, Any] = {"n_scenes": len(scenes), "seed": int(seed), "greedy_scenes": int(greedy_scenes),
                               "variants": {}}
     for label, d in models.items():
