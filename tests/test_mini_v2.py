@@ -342,10 +342,10 @@ def test_v2_training_runs_and_is_deterministic(tiny_llava, tmp_path):
     objs_dir = tmp_path / "objects"
     objs_dir.mkdir()
     objs = _planted_objects(objs_dir)
-    # two pictures per name (training keeps names with several pictures)
+    # several pictures per name (training keeps names with MIN_PICTURES_PER_NAME or more)
     (objs_dir / "catalogue.json").write_text(json.dumps({"objects": [
         {"object_id": f"{o.object_id}:{k}", "path": o.path.name, "name": o.name, "caption": o.caption,
-         "category": o.category, "source": o.source} for o in objs for k in range(2)]}))
+         "category": o.category, "source": o.source} for o in objs for k in range(compose.MIN_PICTURES_PER_NAME)]}))
     kw = dict(stage1_steps=2, stage2_steps=2, batch_size=4, n_scenes=6, progress=False)
     a = train_mini_v2(tiny_llava, tmp_path / "a", objs_dir, **kw)
     b = train_mini_v2(tiny_llava, tmp_path / "b", objs_dir, **kw)
@@ -364,11 +364,13 @@ def test_vocabulary_keeps_names_with_several_pictures(tmp_path):
 
     objs = _planted_objects(tmp_path)
     twice = [*objs, ObjectImage("test:red-2", objs[0].path, objs[0].name, "", "test", "stamps")]
-    kept = vocabulary(twice)
+    kept = vocabulary(twice, min_pictures=2)
     assert [o.object_id for o in kept] == [objs[0].object_id, "test:red-2"]  # catalogue order
     assert vocabulary(twice, min_pictures=1) == twice
     with pytest.raises(ValueError, match="no object name has 2 pictures among 3 objects"):
-        vocabulary(objs)
+        vocabulary(objs, min_pictures=2)
+    with pytest.raises(ValueError, match=f"no object name has {compose.MIN_PICTURES_PER_NAME} pictures"):
+        vocabulary(twice)
 
 
 def test_stage_loss_weights_every_example_equally(tiny_llava):

@@ -48,7 +48,7 @@ IMAGE_TOKEN = "<image>"
 @dataclass
 class RecipeV2:
     stage1_steps: int = 150
-    stage2_steps: int = 1500
+    stage2_steps: int = 1000
     batch_size: int = 8
     seed: int = 0
     n_scenes: int = 3000
@@ -241,7 +241,7 @@ def _run(trainer: StageTrainer, steps: int, name: str, progress: bool) -> dict[s
 
 
 def train_mini_v2(model_dir: Path | str, out_dir: Path | str, objects_dir: Path | str,
-                  stage1_steps: int = 150, stage2_steps: int = 1500, batch_size: int = 8, seed: int = 0,
+                  stage1_steps: int = 150, stage2_steps: int = 1000, batch_size: int = 8, seed: int = 0,
                   n_scenes: int = 3000, device: str = "auto", threads: int | None = None,
                   progress: bool = True) -> dict[str, Any]:
     """Train v2 from the base model in ``model_dir`` (a built embedlens-mini); write
