@@ -34,8 +34,7 @@ from embedlens import vqa
 from embedlens.compress import interventions as iv
 from embedlens.compress.benchmark import _Item, _Scorer
 from embedlens.compress.conditions import parse_conditions
-from embedlens.mini.compose import make_scenes
-from embedlens.mini.sources import load_catalogue
+from embedlens.mini.evaluate_v2 import heldout_scenes
 from embedlens.mini.train_v2 import V2_EVAL_SEED
 
 
@@ -64,7 +63,7 @@ def _acc(rows: list[dict]) -> dict:
 def run(models: dict[str, str], objects: str, n_scenes: int, batch_size: int = 8, progress: bool = True) -> dict:
     from tqdm.auto import tqdm
 
-    scenes = make_scenes(int(n_scenes), V2_EVAL_SEED, load_catalogue(objects))
+    scenes = heldout_scenes(n_scenes, objects)
     report = {"n_scenes": len(scenes), "seed": V2_EVAL_SEED, "models": {}}
     for label, d in models.items():
         t0 = time.perf_counter()

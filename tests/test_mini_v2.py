@@ -342,9 +342,10 @@ def test_v2_training_runs_and_is_deterministic(tiny_llava, tmp_path):
     objs_dir = tmp_path / "objects"
     objs_dir.mkdir()
     objs = _planted_objects(objs_dir)
+    # several pictures per name (training keeps names with MIN_PICTURES_PER_NAME or more)
     (objs_dir / "catalogue.json").write_text(json.dumps({"objects": [
-        {"object_id": o.object_id, "path": o.path.name, "name": o.name, "caption": o.caption,
-         "category": o.category, "source": o.source} for o in objs]}))
+        {"object_id": f"{o.object_id}:{k}", "path": o.path.name, "name": o.name, "caption": o.caption,
+         "category": o.category, "source": o.source} for o in objs for k in range(compose.MIN_PICTURES_PER_NAME)]}))
     kw = dict(stage1_steps=2, stage2_steps=2, batch_size=4, n_scenes=6, progress=False)
     a = train_mini_v2(tiny_llava, tmp_path / "a", objs_dir, **kw)
     b = train_mini_v2(tiny_llava, tmp_path / "b", objs_dir, **kw)
@@ -356,3 +357,45 @@ def test_v2_training_runs_and_is_deterministic(tiny_llava, tmp_path):
     assert cfg[0] == cfg[1]  # byte-identical: no path of the (temporary) base model in it
     assert json.loads(cfg[0])["base_model_name_or_path"] == BASE_MODEL_NAME
     assert a["n_examples"]["all"] > a["n_examples"]["captions"] == 6
+
+
+def test_vocabulary_keeps_names_with_several_pictures(tmp_path):
+    from embedlens.mini.compose import vocabulary
+
+    objs = _planted_objects(tmp_path)
+    twice = [*objs, ObjectImage("test:red-2", objs[0].path, objs[0].name, "", "test", "stamps")]
+    kept = vocabulary(twice, min_pictures=2)
+    assert [o.object_id for o in kept] == [objs[0].object_id, "test:red-2"]  # catalogue order
+    assert vocabulary(twice, min_pictures=1) == twice
+    with pytest.raises(ValueError, match="no object name has 2 pictures among 3 objects"):
+        vocabulary(objs, min_pictures=2)
+    with pytest.raises(ValueError, match=f"no object name has {compose.MIN_PICTURES_PER_NAME} pictures"):
+        vocabulary(twice)
+
+
+def test_stage_loss_weights_every_example_equally(tiny_llava):
+    """The loss of a batch is the mean of its examples' own losses (each a mean over its
+    answer tokens), whatever the answer lengths and the padding: a one-token answer weighs
+    as much as a long caption."""
+    from transformers import AutoProcessor
+
+    from embedlens.mini.train import load_model, precompute_features
+    from embedlens.mini.train_v2 import RecipeV2, StageTrainer, encode_items
+
+    model, _ = load_model(tiny_llava)
+    proc = AutoProcessor.from_pretrained(tiny_llava)
+    rng = np.random.default_rng(0)
+    imgs = [Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)) for _ in range(2)]
+    feats = precompute_features(model, proc, imgs, bf16=False, progress=False)
+    prompts = ["Is there a dog in the image?" + SHORT_SUFFIX, "Describe the image."]
+    answers = ["yes", "A red circle beside a small green square on a light background."]
+    prefix, enc = encode_items(proc, prompts, answers, int(feats.shape[1]))
+    assert len(enc[1][1]) > 4 * len(enc[0][1])
+    examples = [(i, q, a) for i, (q, a) in enumerate(enc)]
+    params = list(model.model.multi_modal_projector.parameters())
+    tok = proc.tokenizer
+    tr = StageTrainer(model, prefix, examples, feats, [(params, 1e-3)], 1, RecipeV2(), tok.pad_token_id or 0,
+                      torch.float32, prefix_grad=False, seed=0)
+    with torch.no_grad():
+        one, two, both = tr.loss_on([0]), tr.loss_on([1]), tr.loss_on([0, 1])
+    torch.testing.assert_close(both, (one + two) / 2, atol=1e-5, rtol=1e-5)

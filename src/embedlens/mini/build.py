@@ -359,7 +359,9 @@ def main(argv: list[str] | None = None) -> int:  # handy for `python -m embedlen
     ap.add_argument("--wheels", default=str(DEFAULT_WHEELS_DIR))
     ap.add_argument("--projector", default=None)
     ap.add_argument("--force-parts", action="store_true")
-    ap.add_argument("--version", type=int, default=1, choices=VERSIONS)
+    from embedlens.config import DEFAULTS  # the schema's default version, as `embedlens build-mini`
+
+    ap.add_argument("--version", type=int, default=DEFAULTS["embedlens_mini"]["version"], choices=VERSIONS)
     ap.add_argument("--adapter", default=None)
     a = ap.parse_args(argv)
     try:

@@ -28,7 +28,7 @@ import torch
 
 from embedlens.vqa import PrefixCache, score_choices
 
-from .compose import make_scenes
+from .compose import make_scenes, vocabulary
 from .evaluate import greedy_caption
 from .sources import load_catalogue
 from .train import load_model
@@ -107,6 +107,20 @@ def _table(rows: list[dict]) -> dict[str, dict[str, float]]:
     return out
 
 
+def heldout_scenes(n_scenes: int, objects_dir: Path | str, seed: int = V2_EVAL_SEED) -> list:
+    """The held-out scenes every v2 evaluation uses: ``n_scenes`` new compositions (compose
+    ``seed``) of the training vocabulary (`embedlens.mini.compose.vocabulary`).
+
+    Raises:
+        ValueError: ``seed`` may overlap the training scenes.
+        FileNotFoundError: ``objects_dir`` holds no catalogue.
+    """
+    if V2_DATA_SEED_BASE <= int(seed) < V2_DATA_SEED_BASE + 100_000:
+        raise ValueError(f"held-out scenes: seed {seed} may overlap the training scenes "
+                         f"(training uses compose seeds {V2_DATA_SEED_BASE} + training seed)")
+    return make_scenes(int(n_scenes), int(seed), vocabulary(load_catalogue(objects_dir)))
+
+
 def evaluate_v2(models: dict[str, Path | str], objects_dir: Path | str, n_scenes: int = 60,
                 seed: int = V2_EVAL_SEED, greedy_scenes: int = 10, out_json: Path | str | None = None,
                 progress: bool = True) -> dict[str, Any]:
@@ -116,10 +130,7 @@ def evaluate_v2(models: dict[str, Path | str], objects_dir: Path | str, n_scenes
     Raises:
         ValueError: ``seed`` may overlap the training scenes.
     """
-    if V2_DATA_SEED_BASE <= int(seed) < V2_DATA_SEED_BASE + 100_000:
-        raise ValueError(f"evaluate_v2: seed {seed} may overlap the training scenes "
-                         f"(training uses compose seeds {V2_DATA_SEED_BASE} + training seed)")
-    scenes = make_scenes(int(n_scenes), int(seed), load_catalogue(objects_dir))
+    scenes = heldout_scenes(n_scenes, objects_dir, seed)
     report: dict[str, Any] = {"n_scenes": len(scenes), "seed": int(seed), "greedy_scenes": int(greedy_scenes),
                               "variants": {}}
     for label, d in models.items():

@@ -36,6 +36,7 @@ import torch
 from embedlens.models import parts
 from embedlens.models.prompt import assistant_suffix, chat_prompt
 
+from .compose import MIN_PICTURES_PER_NAME
 from .lora import LORA_ALPHA, LORA_RANK, add_lora, autocast_dtype, n_lora_params, save_adapter
 from .train import _env_info, load_model, precompute_features, save_projector
 
@@ -46,11 +47,12 @@ IMAGE_TOKEN = "<image>"
 
 @dataclass
 class RecipeV2:
-    stage1_steps: int = 60
-    stage2_steps: int = 180
+    stage1_steps: int = 150
+    stage2_steps: int = 1000
     batch_size: int = 8
     seed: int = 0
-    n_scenes: int = 1500
+    n_scenes: int = 3000
+    min_pictures_per_name: int = MIN_PICTURES_PER_NAME
     lr_stage1: float = 5e-4
     lr_projector_stage2: float = 2e-4
     lr_lora: float = 5e-4
@@ -63,7 +65,8 @@ class RecipeV2:
     data_seed: int = 0
     autocast_dtype: str = "float32"
     schedule: str = "per stage: linear warm-up, then cosine to 0"
-    loss: str = "next-token cross-entropy on the answer tokens (answer + end-of-turn)"
+    loss: str = ("next-token cross-entropy on the answer tokens (answer + end-of-turn), "
+                 "averaged per example, then over the batch's examples")
 
 
 # --------------------------------------------------------------------------------------
@@ -159,7 +162,12 @@ class StageTrainer:
         return b
 
     def loss_on(self, idx: list[int]) -> torch.Tensor:
-        """Mean cross-entropy over the answer tokens of the examples ``idx``."""
+        """Cross-entropy over the answer tokens of the examples ``idx``: mean per example,
+        then mean over the examples.
+
+        Why per example: a token mean lets long answers (captions, 20-token boxes) outweigh
+        one-token answers (yes/no, an option letter) ten to one; averaging each example
+        first gives every item the same weight whatever its answer length."""
         B, S, N = len(idx), len(self.prefix), self.n_img
         exs = [self.examples[i] for i in idx]
         lens = [N + len(q) + len(a) for _, q, a in exs]
@@ -175,6 +183,7 @@ class StageTrainer:
             start = N + len(q) - 1  # row r of the output predicts token r + 1
             sel[j, start:start + len(a)] = True
             labels.append(torch.tensor(a))
+        owner = torch.repeat_interleave(torch.arange(B), torch.tensor([len(a) for _, _, a in exs]))
         ids, mask, sel = ids.to(self.device), mask.to(self.device), sel.to(self.device)
         feats = self.features[[f for f, _, _ in exs]].to(self.device, torch.float32)
         if self.prefix_grad:
@@ -189,7 +198,12 @@ class StageTrainer:
             h = self.lm(inputs_embeds=emb, attention_mask=mask, use_cache=True,
                         **{self.cache_kw: cache}).last_hidden_state
             logits = self.head(h[sel])
-        return torch.nn.functional.cross_entropy(logits.float(), torch.cat(labels).to(self.device))
+        tok_loss = torch.nn.functional.cross_entropy(logits.float(), torch.cat(labels).to(self.device),
+                                                     reduction="none")
+        owner = owner.to(self.device)
+        per_example = torch.zeros(B, device=self.device).index_add_(0, owner, tok_loss)
+        per_example = per_example / torch.bincount(owner, minlength=B).clamp_min(1)
+        return per_example.mean()
 
     def step(self) -> tuple[float, float]:
         self.opt.zero_grad(set_to_none=True)
@@ -227,8 +241,8 @@ def _run(trainer: StageTrainer, steps: int, name: str, progress: bool) -> dict[s
 
 
 def train_mini_v2(model_dir: Path | str, out_dir: Path | str, objects_dir: Path | str,
-                  stage1_steps: int = 60, stage2_steps: int = 180, batch_size: int = 8, seed: int = 0,
-                  n_scenes: int = 1500, device: str = "auto", threads: int | None = None,
+                  stage1_steps: int = 150, stage2_steps: int = 1000, batch_size: int = 8, seed: int = 0,
+                  n_scenes: int = 3000, device: str = "auto", threads: int | None = None,
                   progress: bool = True) -> dict[str, Any]:
     """Train v2 from the base model in ``model_dir`` (a built embedlens-mini); write
     ``out_dir/projector.safetensors``, ``out_dir/adapter/`` and ``out_dir/training.json``.
@@ -242,7 +256,7 @@ def train_mini_v2(model_dir: Path | str, out_dir: Path | str, objects_dir: Path 
     """
     from embedlens.extract import resolve_device
 
-    from .compose import make_scenes
+    from .compose import make_scenes, vocabulary
     from .sources import load_catalogue
 
     t0 = time.perf_counter()
@@ -256,7 +270,7 @@ def train_mini_v2(model_dir: Path | str, out_dir: Path | str, objects_dir: Path 
                       autocast_dtype=str(dtype).removeprefix("torch."))
     torch.manual_seed(recipe.seed)
     timings: dict[str, Any] = {}
-    objects = load_catalogue(objects_dir)
+    objects = vocabulary(load_catalogue(objects_dir), recipe.min_pictures_per_name)
     model, processor = load_model(model_dir)
     model.to(dev)
     start_projector = {k: v.clone() for k, v in parts.projector_of(model).state_dict().items()}
@@ -342,10 +356,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="resources/models/embedlens-mini")
     ap.add_argument("--out", required=True)
     ap.add_argument("--objects", default="resources/mini-data/objects")
-    ap.add_argument("--stage1-steps", type=int, default=60)
-    ap.add_argument("--stage2-steps", type=int, default=180)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--n-scenes", type=int, default=1500)
+    ap.add_argument("--stage1-steps", type=int, default=RecipeV2.stage1_steps)
+    ap.add_argument("--stage2-steps", type=int, default=RecipeV2.stage2_steps)
+    ap.add_argument("--batch-size", type=int, default=RecipeV2.batch_size)
+    ap.add_argument("--n-scenes", type=int, default=RecipeV2.n_scenes)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto")
     a = ap.parse_args(argv)
