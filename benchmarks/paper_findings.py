@@ -56,6 +56,20 @@ def _row(c: pd.DataFrame, name: str, base: float, chance: float) -> str:
     return f"{name}: {r.accuracy:.2f}{delta}, {_kept(r.accuracy, base, chance)}, tokens {r.tokens_kept_frac:.0%}"
 
 
+def _unmatched(c: pd.DataFrame, a: str, b: str) -> str:
+    """A warning when the random control did not remove as many tokens as the condition: it
+    draws from the tokens outside the group, so a group larger than its complement cannot be
+    matched (docs/methods.md, random_matched) and the control then removes the complement."""
+    if a not in c.index or b not in c.index or bool(c.loc[a].nothing_removed) or bool(c.loc[b].nothing_removed):
+        return ""
+    ka, kb = float(c.loc[a].tokens_kept), float(c.loc[b].tokens_kept)
+    if abs(ka - kb) <= 0.5:
+        return ""
+    v = float(c.loc[a].visual_tokens)
+    return (f" (**not size-matched**: the control removed {v - kb:.1f} tokens per image, the condition "
+            f"{v - ka:.1f}; the group is larger than the tokens outside it)")
+
+
 def findings(model_dir: Path) -> list[str]:
     """Markdown lines: one table per data set under ``model_dir``."""
     out = [f"# Paper findings on {model_dir.name}", ""]
@@ -72,7 +86,8 @@ def findings(model_dir: Path) -> list[str]:
             head = f"baseline {base:.2f}, chance {chance:.2f}, {int(c.loc['baseline'].n_items)} items"
             pairs = [("prune_sinks", "random_sinks"), ("prune_dead", "random_dead"), ("keep_alive", "random_keep_alive")]
             out.append("| sinks and dead removable, unlike matched random | " + head + "; " + "; ".join(
-                f"{_row(c, a, base, chance)} vs {_row(c, b, base, chance)}" for a, b in pairs) + " |")
+                f"{_row(c, a, base, chance)} vs {_row(c, b, base, chance)}{_unmatched(c, a, b)}" for a, b in pairs)
+                + " |")
             skips = [n for n in c.index if n.startswith("skip_")]
             out.append("| visual computation in the LLM redundant (skip) | " + "; ".join(
                 _row(c, n, base, chance) for n in skips) + " |")
