@@ -57,17 +57,15 @@ def _row(c: pd.DataFrame, name: str, base: float, chance: float) -> str:
 
 
 def _unmatched(c: pd.DataFrame, a: str, b: str) -> str:
-    """A warning when the random control did not remove as many tokens as the condition: it
-    draws from the tokens outside the group, so a group larger than its complement cannot be
-    matched (docs/methods.md, random_matched) and the control then removes the complement."""
-    if a not in c.index or b not in c.index or bool(c.loc[a].nothing_removed) or bool(c.loc[b].nothing_removed):
-        return ""
-    ka, kb = float(c.loc[a].tokens_kept), float(c.loc[b].tokens_kept)
-    if abs(ka - kb) <= 0.5:
-        return ""
-    v = float(c.loc[a].visual_tokens)
-    return (f" (**not size-matched**: the control removed {v - kb:.1f} tokens per image, the condition "
-            f"{v - ka:.1f}; the group is larger than the tokens outside it)")
+    """A warning when the random control ``b`` did not remove as many tokens as ``a``
+    (`embedlens.compress.aggregate.unmatched_random_controls`)."""
+    from embedlens.compress.aggregate import unmatched_random_controls
+
+    for u in unmatched_random_controls(c.reset_index()):
+        if u["control"] == b and u["condition"] == a:
+            return (f" (**not size-matched**: the control removed {u['removed_control']:.1f} tokens per image, "
+                    f"the condition {u['removed_condition']:.1f}; the group is larger than the tokens outside it)")
+    return ""
 
 
 def findings(model_dir: Path) -> list[str]:

@@ -466,3 +466,32 @@ def test_report_notebook_takes_and_forwards_every_input():
               if p.kind is p.KEYWORD_ONLY or (p.kind is p.POSITIONAL_OR_KEYWORD and p.name not in ("model", "dataset"))]
     assert wanted and not [p for p in wanted if p not in declared], "not notebook parameters"
     assert not [p for p in wanted if p not in forwarded], "not passed to load_inputs"
+
+
+def test_compression_section_names_random_controls_that_are_not_size_matched():
+    """A random_matched control that removed fewer tokens than the prune/keep condition it
+    controls (its group outnumbers the tokens outside it) is named, with both counts."""
+    import pandas as pd
+
+    from embedlens.compress.aggregate import unmatched_random_controls
+
+    def row(name, op, groups, kept, nothing=False):
+        return {"condition": name, "op": op, "groups": groups, "item_type": "all", "accuracy": 0.5,
+                "visual_tokens": 64.0, "tokens_kept": kept, "nothing_removed": nothing}
+
+    rows = pd.DataFrame([row("baseline", "baseline", "", 64.0), row("prune_dead", "prune", "dead", 18.0),
+                         row("random_dead", "random_matched", "dead", 46.0),
+                         row("keep_alive", "keep", "alive", 18.0),
+                         row("random_keep_alive", "random_matched", "vit_sink,llm_sink,dead", 46.0),
+                         row("prune_sinks", "prune", "vit_sink,llm_sink", 60.0),
+                         row("random_sinks", "random_matched", "vit_sink,llm_sink", 60.0),
+                         row("prune_x", "prune", "llm_sink", 64.0, nothing=True),
+                         row("random_x", "random_matched", "llm_sink", 60.0)])
+    found = {(u["control"], u["condition"]): (u["removed_control"], u["removed_condition"])
+             for u in unmatched_random_controls(rows)}
+    assert found == {("random_dead", "prune_dead"): (18.0, 46.0), ("random_keep_alive", "keep_alive"): (18.0, 46.0)}
+    inp = report.load_inputs("some-model", "some-data")
+    inp.compress = rows
+    html = "".join(getattr(x, "_repr_html_", lambda: "")() for x in report.section_compression(inp))
+    assert "<code>random_dead</code> is <b>not size-matched</b> to <code>prune_dead</code>: it removed 18.0" in html
+    assert "random_sinks</code> is" not in html

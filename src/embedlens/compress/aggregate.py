@@ -156,3 +156,40 @@ def aggregate(per_item: pd.DataFrame, variants: Sequence[Variant], timing: dict,
              "visual_tokens_per_layer", "flops", "flops_rel", "latency_ms", "peak_mem_mb",
              "peak_mem_delta_mb", "params", "ci_method", "delta_method", *meta]
     return table[order + [c for c in table.columns if c not in order]]
+
+
+def unmatched_random_controls(rows: pd.DataFrame) -> list[dict]:
+    """The ``random_matched`` rows of a condition table (one row per condition, seeds
+    averaged) that removed a different number of visual tokens per image than the
+    condition they control: ``prune`` of the same groups, or ``keep`` of the other labels.
+
+    `random_matched` draws from the tokens outside its groups, so where a group is larger
+    than its complement it can only remove the complement (docs/methods.md §4): the
+    control then tests "remove the other tokens", not "remove as many random tokens".
+
+    Returns: [{"control", "condition", "removed_control", "removed_condition"}] (tokens per
+    image, means over images); empty when every control matched or a column is missing.
+    """
+    from .spec import LABELS
+
+    need = {"condition", "op", "groups", "visual_tokens", "tokens_kept"}
+    if not need <= set(rows):
+        return []
+    flagged = rows["nothing_removed"].fillna(False).astype(bool) if "nothing_removed" in rows else False
+    live = rows[~flagged] if flagged is not False else rows
+
+    def _groups(g) -> frozenset:
+        return frozenset(x for x in str(g or "").split(",") if x)
+
+    out = []
+    for ctl in live[live["op"] == "random_matched"].itertuples():
+        g = _groups(ctl.groups)
+        for cond in live[live["op"].isin(["prune", "keep"])].itertuples():
+            cg = _groups(cond.groups)
+            if (cond.op == "prune" and cg == g) or (cond.op == "keep" and cg == frozenset(LABELS) - g):
+                removed_ctl = float(ctl.visual_tokens) - float(ctl.tokens_kept)
+                removed_cond = float(cond.visual_tokens) - float(cond.tokens_kept)
+                if abs(removed_ctl - removed_cond) > 0.5:
+                    out.append({"control": ctl.condition, "condition": cond.condition,
+                                "removed_control": removed_ctl, "removed_condition": removed_cond})
+    return out

@@ -51,7 +51,8 @@ def section_compression(inp: ReportInputs) -> list:
         d["Δ accuracy vs baseline (pp)"] = [_fmt_delta(x, lo, hi) for x, lo, hi in
                                             zip(d["delta"], d["delta_ci_low"], d["delta_ci_high"])]
     else:
-        d["Δ accuracy vs baseline (pp)"] = 100 * (d["accuracy"] - base_acc)
+        # text like the paired column, so "nothing removed" can replace a value
+        d["Δ accuracy vs baseline (pp)"] = [_fmt_delta(x, math.nan, math.nan) for x in d["accuracy"] - base_acc]
     if "nothing_removed" in d:
         flagged = d["nothing_removed"].fillna(False).astype(bool)
         d.loc[flagged, "Δ accuracy vs baseline (pp)"] = "nothing removed"
@@ -75,6 +76,14 @@ def section_compression(inp: ReportInputs) -> list:
     if not len(base):
         out.append(callout("compression deltas: no baseline condition in the table"))
     out.append(table(tab, percent=[x for x in ("tokens kept", "prefill FLOPs (rel.)") if x in tab], precision=2))
+    from embedlens.compress.aggregate import unmatched_random_controls
+
+    for u in unmatched_random_controls(d):
+        out.append(callout(f"`{u['control']}` is **not size-matched** to `{u['condition']}`: it removed "
+                           f"{u['removed_control']:.1f} visual tokens per image, the condition "
+                           f"{u['removed_condition']:.1f}. The group is larger than the tokens outside it, from which "
+                           "the random control draws, so it removed those instead (docs/methods.md §4): read it as "
+                           "\"remove the other tokens\", not as a random control of the same size.", kind="note"))
     xs = [x for x in ("flops_rel", "latency_ms") if x in d and np.isfinite(d[x].astype(float)).any()]
     if xs:
         ops = list(dict.fromkeys(d["op"]))
