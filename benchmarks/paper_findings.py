@@ -30,6 +30,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from embedlens.compress.aggregate import unmatched_random_controls
+
 
 def _kept(acc: float, base: float, chance: float) -> str:
     if base - chance <= 1e-9:
@@ -56,12 +58,10 @@ def _row(c: pd.DataFrame, name: str, base: float, chance: float) -> str:
     return f"{name}: {r.accuracy:.2f}{delta}, {_kept(r.accuracy, base, chance)}, tokens {r.tokens_kept_frac:.0%}"
 
 
-def _unmatched(c: pd.DataFrame, a: str, b: str) -> str:
+def _unmatched(unmatched: list[dict], a: str, b: str) -> str:
     """A warning when the random control ``b`` did not remove as many tokens as ``a``
-    (`embedlens.compress.aggregate.unmatched_random_controls`)."""
-    from embedlens.compress.aggregate import unmatched_random_controls
-
-    for u in unmatched_random_controls(c.reset_index()):
+    (``unmatched``: `embedlens.compress.aggregate.unmatched_random_controls` of the table)."""
+    for u in unmatched:
         if u["control"] == b and u["condition"] == a:
             return (f" (**not size-matched**: the control removed {u['removed_control']:.1f} tokens per image, "
                     f"the condition {u['removed_condition']:.1f}; the group is larger than the tokens outside it)")
@@ -83,8 +83,10 @@ def findings(model_dir: Path) -> list[str]:
             base, chance = float(c.loc["baseline"].accuracy), float(c.loc["baseline"].chance)
             head = f"baseline {base:.2f}, chance {chance:.2f}, {int(c.loc['baseline'].n_items)} items"
             pairs = [("prune_sinks", "random_sinks"), ("prune_dead", "random_dead"), ("keep_alive", "random_keep_alive")]
+            unmatched = unmatched_random_controls(c.reset_index())
             out.append("| sinks and dead removable, unlike matched random | " + head + "; " + "; ".join(
-                f"{_row(c, a, base, chance)} vs {_row(c, b, base, chance)}{_unmatched(c, a, b)}" for a, b in pairs)
+                f"{_row(c, a, base, chance)} vs {_row(c, b, base, chance)}{_unmatched(unmatched, a, b)}"
+                for a, b in pairs)
                 + " |")
             skips = [n for n in c.index if n.startswith("skip_")]
             out.append("| visual computation in the LLM redundant (skip) | " + "; ".join(

@@ -175,8 +175,7 @@ def unmatched_random_controls(rows: pd.DataFrame) -> list[dict]:
     need = {"condition", "op", "groups", "visual_tokens", "tokens_kept"}
     if not need <= set(rows):
         return []
-    flagged = rows["nothing_removed"].fillna(False).astype(bool) if "nothing_removed" in rows else False
-    live = rows[~flagged] if flagged is not False else rows
+    live = rows[~rows["nothing_removed"].fillna(False).astype(bool)] if "nothing_removed" in rows else rows
 
     def _groups(g) -> frozenset:
         return frozenset(x for x in str(g or "").split(",") if x)
