@@ -150,6 +150,38 @@ def test_items_follow_the_benchmark_formats(tmp_path):
     assert mme.count("Yes") == mme.count("No")  # always in pairs
 
 
+def test_mc_variants_reorder_options_and_keep_the_answer(tmp_path):
+    """Training copies of multiple-choice items: same options in new orders, the letter still
+    names the right option; the hinted copy states that option; other items get none."""
+    objs = _planted_objects(tmp_path)
+    items = [it for sc in make_scenes(40, 9, objs) for it in sc.items]
+    # three planted names are too few for object choice: one such item by hand
+    mcs = [it for it in items if it.format == "mc"] + [
+        compose.mc_item("Which object is in the image?", ["dog", "pear", "car", "hat"], 2, "mc_object")]
+    assert {it.type for it in mcs} == {"mc_object", "mc_colour", "mc_count"}
+    rng = np.random.default_rng(0)
+    assert all(compose.mc_variants(it, rng) == [] for it in items if it.format != "mc")
+    opt_re = re.compile(r"Options: A: ([^,]+), B: ([^,]+), C: ([^,]+), D: ([^,\n]+)\n")
+    for it in mcs:
+        right = it.options["ABCD".index(it.answer)]
+        copies = compose.mc_variants(it, rng, reshuffles=2, hint=True)
+        assert len(copies) == 3
+        orders = [tuple(opt_re.search(c.prompt).groups()) for c in [it, *copies]]
+        assert len(set(orders)) == 4  # four different orders of the same options
+        assert all(sorted(o) == sorted(it.options) for o in orders)
+        for c, order in zip(copies, orders[1:], strict=True):
+            assert c.format == "mc" and c.type == it.type and c.choices == ["A", "B", "C", "D"]
+            assert order["ABCD".index(c.answer)] == right
+            assert c.prompt.endswith(MC_SUFFIX)
+        assert [c.prompt.startswith(f"Hint: the answer is {right}.\n") for c in copies] == [False, False, True]
+        assert copies[-1].prompt.removeprefix(f"Hint: the answer is {right}.\n").startswith(it.question)
+    # answers spread over the letters (a copy tied to one letter would teach a letter bias)
+    letters = [c.answer for it in mcs for c in compose.mc_variants(it, np.random.default_rng(1))]
+    assert min(letters.count(x) for x in "ABCD") > len(letters) / 8
+    again = [c.prompt for it in mcs for c in compose.mc_variants(it, np.random.default_rng(1))]
+    assert again == [c.prompt for it in mcs for c in compose.mc_variants(it, np.random.default_rng(1))]
+
+
 def test_formats_equal_lmms_eval_task_definitions():
     """Where lmms-eval is installed, the prompt strings are its own (task yaml / utils)."""
     pytest.importorskip("lmms_eval")

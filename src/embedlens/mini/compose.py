@@ -81,6 +81,8 @@ class QAItem:
     type: str  # yes_no, object, colour, count, text, mc_object, mc_colour, mc_count, grounding, caption
     format: str  # pope, mme, short, mc, grounding, caption
     choices: list[str] = dataclasses.field(default_factory=list)  # closed answer set, when there is one
+    options: list[str] = dataclasses.field(default_factory=list)  # multiple choice: the option texts, in order
+    question: str = ""  # multiple choice: the question before the option line
 
 
 @dataclasses.dataclass
@@ -131,7 +133,43 @@ def mc_item(question: str, options: Sequence[str], correct: int, type_: str) -> 
     """MMStar-style item: options "A: x, B: y, ..." on one line, the answer the letter."""
     opts = ", ".join(f"{OPTION_LETTERS[i]}: {o}" for i, o in enumerate(options))
     return QAItem(f"{question}\nOptions: {opts}{MC_SUFFIX}", OPTION_LETTERS[correct], type_, "mc",
-                  list(OPTION_LETTERS[:len(options)]))
+                  list(OPTION_LETTERS[:len(options)]), list(options), question)
+
+
+#: how `mc_variants` states the answer in a hinted copy
+MC_HINT = "Hint: the answer is {answer}.\n"
+
+
+def mc_variants(item: QAItem, rng: np.random.Generator, reshuffles: int = 1, hint: bool = True) -> list[QAItem]:
+    """Training-only copies of a multiple-choice ``item`` (an empty list for other items).
+
+    * ``reshuffles`` copies with the same options in other orders, so no letter is tied to a
+      name or number (count options are always "1".."4" in the benchmark order);
+    * with ``hint``, one copy (another order again) whose question starts by stating the
+      answer (`MC_HINT`). Why: the 135M LLM cannot map an option list to a letter even when
+      the answer is written in the prompt (SmolLM2-135M-Instruct and v2 of 2026-12-07 answer
+      "A" to 60 of 60 such text-only items); the hinted copies teach that pointer on its own,
+      the plain ones teach it from what the image shows.
+
+    Each copy's order is drawn from ``rng`` and differs from the original's and from the
+    other copies' where four options allow it.
+    """
+    if item.format != "mc" or not item.options:
+        return []
+    correct = OPTION_LETTERS.index(item.answer)
+    answer = item.options[correct]
+    seen = {tuple(item.options)}
+    out = []
+    for k in range(reshuffles + int(hint)):
+        order = list(item.options)
+        for _ in range(20):  # 4! = 24 orders: a new one is found within a few draws
+            rng.shuffle(order)
+            if tuple(order) not in seen:
+                break
+        seen.add(tuple(order))
+        question = MC_HINT.format(answer=answer) + item.question if k == reshuffles else item.question
+        out.append(mc_item(question, order, order.index(answer), item.type))
+    return out
 
 
 def grounding_item(expression: str, box: Sequence[int]) -> QAItem:

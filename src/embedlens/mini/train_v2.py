@@ -6,7 +6,9 @@
   of the base model (the committed v1 projector when the base is a v1 build).
 * **Stage 2** (projector + LoRA rank 16 on every linear layer of the LLM, `embedlens.mini.lora`):
   all items of the scenes, in the benchmark formats (yes/no, short answers, multiple
-  choice, grounding box text) and the captions.
+  choice, grounding box text) and the captions, plus training-only copies of every
+  multiple-choice item (`embedlens.mini.compose.mc_variants`: the options in another order,
+  and once with the answer stated as a hint).
 
 Each example: the chat template's system turn and "<|im_start|>user\\n" (the *prefix*,
 identical in every example), the 64 image tokens, "\\n" + the item's prompt and the
@@ -48,11 +50,13 @@ IMAGE_TOKEN = "<image>"
 @dataclass
 class RecipeV2:
     stage1_steps: int = 150
-    stage2_steps: int = 1000
+    stage2_steps: int = 1200
     batch_size: int = 8
     seed: int = 0
     n_scenes: int = 3000
     min_pictures_per_name: int = MIN_PICTURES_PER_NAME
+    mc_reshuffles: int = 1  # stage 2: copies of each multiple-choice item with the options reordered
+    mc_hint: bool = True  # stage 2: one more copy with the answer stated (compose.mc_variants)
     lr_stage1: float = 5e-4
     lr_projector_stage2: float = 2e-4
     lr_lora: float = 5e-4
@@ -241,7 +245,7 @@ def _run(trainer: StageTrainer, steps: int, name: str, progress: bool) -> dict[s
 
 
 def train_mini_v2(model_dir: Path | str, out_dir: Path | str, objects_dir: Path | str,
-                  stage1_steps: int = 150, stage2_steps: int = 1000, batch_size: int = 8, seed: int = 0,
+                  stage1_steps: int = 150, stage2_steps: int = 1200, batch_size: int = 8, seed: int = 0,
                   n_scenes: int = 3000, device: str = "auto", threads: int | None = None,
                   progress: bool = True) -> dict[str, Any]:
     """Train v2 from the base model in ``model_dir`` (a built embedlens-mini); write
@@ -256,7 +260,7 @@ def train_mini_v2(model_dir: Path | str, out_dir: Path | str, objects_dir: Path 
     """
     from embedlens.extract import resolve_device
 
-    from .compose import make_scenes, vocabulary
+    from .compose import make_scenes, mc_variants, vocabulary
     from .sources import load_catalogue
 
     t0 = time.perf_counter()
@@ -290,6 +294,11 @@ def train_mini_v2(model_dir: Path | str, out_dir: Path | str, objects_dir: Path 
     timings["features_s"] = time.perf_counter() - t
 
     flat = [(i, it) for i, s in enumerate(scenes) for it in s.items]
+    # stage 2 only: the copies are drawn from their own stream, so the scenes and their
+    # items are the same with or without them
+    mc_rng = np.random.default_rng([recipe.data_seed, 1])
+    flat += [(i, v) for i, it in list(flat)
+             for v in mc_variants(it, mc_rng, recipe.mc_reshuffles, recipe.mc_hint)]
     prefix, enc = encode_items(processor, [it.prompt for _, it in flat], [it.answer for _, it in flat],
                                int(features.shape[1]))
     examples = [(i, q, a) for (i, _), (q, a) in zip(flat, enc, strict=True)]
@@ -327,7 +336,8 @@ def train_mini_v2(model_dir: Path | str, out_dir: Path | str, objects_dir: Path 
 
     counts: dict[str, int] = {}
     for _, it in flat:
-        counts[f"{it.format}/{it.type}"] = counts.get(f"{it.format}/{it.type}", 0) + 1
+        key = f"{it.format}/{it.type}" + (" (hinted copy)" if it.question.startswith("Hint:") else "")
+        counts[key] = counts.get(key, 0) + 1
     timings["total_s"] = time.perf_counter() - t0
     log = {
         "model_dir": str(model_dir), "recipe": asdict(recipe),
