@@ -13,7 +13,7 @@
 Each example: the chat template's system turn and "<|im_start|>user\\n" (the *prefix*,
 identical in every example), the 64 image tokens, "\\n" + the item's prompt and the
 generation prompt, then the assistant answer + end-of-turn. Loss: next-token cross-entropy
-on the answer tokens only (mean over the batch's answer tokens). Frozen vision features are
+on the answer tokens only, averaged per example, then over the batch (`StageTrainer.loss_on`). Frozen vision features are
 computed once. The prefix's keys/values are computed once in stage 1 (nothing before the
 image is trained) and once per step, at batch 1 and with gradients, in stage 2 (LoRA
 changes them). Autocast dtype: `embedlens.mini.lora.autocast_dtype` (bf16 only on CPUs
