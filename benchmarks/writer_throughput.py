@@ -10,17 +10,22 @@ states of LLaVA-1.5-7B's shape (576 visual tokens x 4096 dims x 33 hidden states
    to the disk, not to the page cache, with the kernel's parallel writeback.
 2. overlap, for one shard of ``--images`` images (default 64: the extraction's default
    ``shard_size``, so the run is what one extraction job writes): the producer "computes"
-   each image (a sleep: a GPU forward holds neither the GIL nor a core) as long as the store
-   takes to write one; the share of the smaller of (compute, write) hidden behind the
-   larger: (compute + write - wall) / min(compute, write) (goal >= 0.9; 0 = serial, 1 = the
-   wall time is the larger of the two). Even a perfect pipeline writes the shard's last
-   image after its compute, so the ceiling is (n - 1) / n (0.98 for 64), printed beside it.
-   Split into its parts: the producer's stalls (time beyond its compute, waiting for room
-   in the queue or for the GIL) as a share of the write time, and the drain (the writes
-   left when the last image is computed, plus the shard's close). The same with the writer
-   inline (the extraction before the background writer) for comparison.
+   each image (a sleep: a GPU forward holds neither the GIL nor a core) for ``ratio`` times
+   the time the store takes to write one, for each ``--ratios`` (default 0.25, 1, 4): below 1
+   the GPU is faster than the disk (LLaVA-7B on one H100 forwards tens of images per second,
+   i.e. several GB/s of states: more than most disks take), 1 is the balanced case where
+   any slowdown of the writes shows, above 1 a slow model or GPU. Overlap: the share of the
+   smaller of (compute, write) hidden behind the larger: (compute + write - wall) /
+   min(compute, write) (goal >= 0.9; 0 = serial, 1 = the wall time is the larger of the
+   two). Even a perfect pipeline writes the shard's last image after its compute and
+   computes its first before any write, so the ceiling is (n - 1) / n (0.98 for 64), printed
+   beside it. Split into its parts: the producer's stalls beyond what the slower side
+   forces (time in its loop beyond max(compute, write)) as a share of the write time, and
+   the drain (the writes left when the last image is computed, plus the shard's close).
+   At ratio 1, the same with the writer inline (the extraction before the background
+   writer) for comparison.
 
-    python benchmarks/writer_throughput.py                  # 64 images (10 GB) per run, ~3 min
+    python benchmarks/writer_throughput.py                  # 64 images (10 GB) per run, ~6 min
     python benchmarks/writer_throughput.py --images 24 --repeat 3 --dir /scratch/me
 
 Everything written is removed.
@@ -125,6 +130,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     ap.add_argument("--max-pending", type=int, default=2, help="images the writer's queue holds")
     ap.add_argument("--repeat", type=int, default=3, help="pairs of runs (raw, store) and overlap runs; medians reported")
+    ap.add_argument("--ratios", default="0.25,1,4",
+                    help="compute time per image as multiples of the store's write time per image, comma-separated")
     ap.add_argument("--dir", default=".", help="where to write (the disk under test); a temp dir is made in it")
     args = ap.parse_args(argv)
 
@@ -148,24 +155,28 @@ def main(argv=None) -> int:
         print(f"store / raw, paired  : median {np.median(ratios):.2f}x (range {min(ratios):.2f}-{max(ratios):.2f} "
               f"over {len(ratios)} pairs; goal >= 0.7)")
         # Overlap: without the final sync (the page cache absorbs the writes, as it does in
-        # an extraction); compute per image = the writer's time per image (measured first),
-        # the case where overlap matters most. Hidden share from each run's own numbers.
+        # an extraction); compute per image = ratio x the writer's time per image (measured
+        # first). Hidden share from each run's own numbers.
         _sync_to_disk(root)
         per_image = store_write(root, images, n, max_pending=args.max_pending, fsync=False)["write"] / n
-        compute = per_image * n
-        for name, background in (("background writer", True), ("inline writer", False)):
-            hidden, stall, drain = [], [], []
-            for _ in range(args.repeat):
-                r = store_write(root, images, n, compute_s=per_image, background=background,
-                                max_pending=args.max_pending, fsync=False)
-                hidden.append(max(0.0, (compute + r["write"] - r["wall"]) / min(compute, r["write"])))
-                stall.append(max(0.0, r["loop"] - compute) / r["write"])
-                drain.append(r["drain"])
-            print(f"overlap, {name:17s}: compute {compute:.2f} s per run; median {np.median(hidden):.2f} of the "
-                  f"smaller hidden (range {min(hidden):.2f}-{max(hidden):.2f}; ceiling {(n - 1) / n:.2f})"
-                  + (" (goal >= 0.9)" if background else ""))
-            print(f"  parts: producer stalls {np.median(stall):.1%} of the write time; drain at the end "
-                  f"{np.median(drain):.2f} s ({np.median(drain) / per_image:.1f} images' writes incl. the close)")
+        print(f"store write per image (page cache): {per_image * 1e3:.0f} ms = {1 / per_image:.1f} images/s")
+        for ratio in [float(r) for r in args.ratios.split(",")]:
+            compute = ratio * per_image * n
+            for name, background in (("background writer", True), ("inline writer", False)):
+                if not background and ratio != 1:
+                    continue
+                hidden, stall, drain = [], [], []
+                for _ in range(args.repeat):
+                    r = store_write(root, images, n, compute_s=ratio * per_image, background=background,
+                                    max_pending=args.max_pending, fsync=False)
+                    hidden.append(max(0.0, (compute + r["write"] - r["wall"]) / min(compute, r["write"])))
+                    stall.append(max(0.0, r["loop"] - max(compute, r["write"])) / r["write"])
+                    drain.append(r["drain"])
+                print(f"overlap at compute/write {ratio:g} ({1 / (ratio * per_image):.1f} images/s computed), "
+                      f"{name}: median {np.median(hidden):.2f} of the smaller hidden (range {min(hidden):.2f}-"
+                      f"{max(hidden):.2f}; ceiling {(n - 1) / n:.2f})" + (" (goal >= 0.9)" if background else ""))
+                print(f"  parts: producer stalls {np.median(stall):.1%} of the write time; drain at the end "
+                      f"{np.median(drain):.2f} s ({np.median(drain) / per_image:.1f} images' writes incl. the close)")
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return 0

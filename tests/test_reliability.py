@@ -910,3 +910,20 @@ print("TRUSTED", type(adapter.model).__name__, Path(os.environ["EMBEDLENS_TEST_M
     with pytest.raises(ValueError, match="allow_pickle"):
         load_dataset(data)
     assert not Path(str(marker) + ".npz").exists()
+
+
+def test_help_lists_every_step_the_rules_run(capsys):
+    """Each workflow step is also a plain `embedlens <step>` command, and `embedlens --help`
+    names all of them (report and summary have their own parser)."""
+    from embedlens.cli import main
+
+    used = {m for f in (ROOT / "rules").glob("*.smk") for m in re.findall(r"embedlens ([a-z][a-z0-9-]*)", f.read_text())}
+    assert {"extract", "categorize", "report", "summary"} <= used
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    listed = capsys.readouterr().out
+    assert all(re.search(rf"^\s+{step}\s", listed, re.MULTILINE) for step in used), sorted(
+        step for step in used if not re.search(rf"^\s+{step}\s", listed, re.MULTILINE))
+    with pytest.raises(SystemExit):
+        main(["report", "--help"])
+    assert "--params" in capsys.readouterr().out

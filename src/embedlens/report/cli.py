@@ -18,8 +18,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     (0 written; 1 a cell or the export failed, the error printed to stderr)."""
     p = argparse.ArgumentParser(prog="python -m embedlens.report", description="render EmbedLens reports")
     sub = p.add_subparsers(dest="what", required=True)
+    helps = {"report": "render one model x data set report (papermill, then HTML)",
+             "summary": "render the summary of all models and data sets (papermill, then HTML)"}
     for name in ("report", "summary"):
-        s = sub.add_parser(name)
+        s = sub.add_parser(name, help=helps[name], description=helps[name])
         s.add_argument("--template", default=str(DEFAULT_TEMPLATE_DIR / f"{name}.ipynb"))
         s.add_argument("--html", required=True)
         s.add_argument("--ipynb", required=True)
