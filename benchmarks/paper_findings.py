@@ -104,11 +104,14 @@ def findings(model_dir: Path) -> list[str]:
         pr = ds / "probe" / "probe.parquet"
         if pr.is_file():
             p = pd.read_parquet(pr)
-            p = p[(p.status == "ok") & (p.feature == "h0") & (p.group == "alive")]
+            ok = p[(p.status == "ok") & (p.feature == "h0") & (p.group == "alive")]
             cells = [f"{r.task} {r.accuracy:.2f} (majority {r.majority_accuracy:.2f}, selectivity {r.selectivity:+.2f})"
-                     for r in p.itertuples()]
+                     for r in ok.itertuples()]
+            # an empty table: the data set has no per-token labels to probe (e.g. skimage)
+            why = ("no probe: the data set has no token labels" if p.empty
+                   else "no probe of alive tokens on h0 succeeded (see probe.parquet's status/reason)")
             out.append("| alive tokens encode attributes before the LLM (probe on h0) | "
-                       + ("; ".join(cells) or "no alive tokens to probe") + " |")
+                       + ("; ".join(cells) or why) + " |")
         out.append("")
     return out
 
