@@ -16,10 +16,11 @@ states of LLaVA-1.5-7B's shape (576 visual tokens x 4096 dims x 33 hidden states
    i.e. several GB/s of states: more than most disks take), 1 is the balanced case where
    any slowdown of the writes shows, above 1 a slow model or GPU. Overlap: the share of the
    smaller of (compute, write) hidden behind the larger: (compute + write - wall) /
-   min(compute, write) (goal >= 0.9; 0 = serial, 1 = the wall time is the larger of the
-   two). Even a perfect pipeline writes the shard's last image after its compute and
-   computes its first before any write, so the ceiling is (n - 1) / n (0.98 for 64), printed
-   beside it. Split into its parts: the producer's stalls beyond what the slower side
+   min(compute, write), where write is all the store's work: the images' writes and the
+   shard's close (coordinates, attributes, marker, rename) (goal >= 0.9; 0 = serial, 1 = the
+   wall time is the larger of the two). Even a perfect pipeline writes the shard's last
+   image and closes it after the last compute, and computes the first image before any
+   write, so the ceiling is about (n - 1) / n (0.98 for 64), printed beside it. Split into its parts: the producer's stalls beyond what the slower side
    forces (time in its loop beyond max(compute, write)) as a share of the write time, and
    the drain (the writes left when the last image is computed, plus the shard's close).
    At ratio 1, the same with the writer inline (the extraction before the background
@@ -89,8 +90,10 @@ def store_write(root: Path, images: list[np.ndarray], n: int, *, compute_s: floa
                 background: bool = True, max_pending: int = 2, fsync: bool = True) -> dict[str, float]:
     """Seconds for n images through the extraction's writer (and a sync of them to disk),
     the producer spending `compute_s` per image before handing it over: ``wall``, ``write``
-    (spent writing), ``loop`` (the producer's loop: compute + its stalls) and ``drain``
-    (from the last hand-over to the shard's rename: pending writes + close)."""
+    (the store's work: the images' writes + the shard's close), ``close`` (coordinates,
+    attributes, completeness marker, rename: work that can only follow the last image),
+    ``loop`` (the producer's loop: compute + its stalls) and ``drain`` (from the last
+    hand-over to the shard's rename: pending writes + close)."""
     final = root / "shard-0000.zarr"
     n_tok = images[0].shape[1]
     rows, cols = np.arange(n_tok) // 24, np.arange(n_tok) % 24
@@ -112,12 +115,16 @@ def store_write(root: Path, images: list[np.ndarray], n: int, *, compute_s: floa
                     writer.append(*args, checked=True)
                     inline += time.perf_counter() - t1
             loop = time.perf_counter() - t
+            bw.flush()  # the queued images: their time is in seconds_writing
+            flushed = time.perf_counter()
             bw.close()
         if fsync:
             _sync_to_disk(tmp)
     dt = time.perf_counter() - t
+    close = dt - (flushed - t)  # the shard's close: coordinates, attributes, marker, rename (and sync)
     shutil.rmtree(final)
-    return {"wall": dt, "write": bw.seconds_writing + inline, "loop": loop, "drain": dt - loop}
+    return {"wall": dt, "write": bw.seconds_writing + inline + close, "close": close, "loop": loop,
+            "drain": dt - loop}
 
 
 def main(argv=None) -> int:
@@ -165,18 +172,20 @@ def main(argv=None) -> int:
             for name, background in (("background writer", True), ("inline writer", False)):
                 if not background and ratio != 1:
                     continue
-                hidden, stall, drain = [], [], []
+                hidden, stall, drain, close = [], [], [], []
                 for _ in range(args.repeat):
                     r = store_write(root, images, n, compute_s=ratio * per_image, background=background,
                                     max_pending=args.max_pending, fsync=False)
                     hidden.append(max(0.0, (compute + r["write"] - r["wall"]) / min(compute, r["write"])))
                     stall.append(max(0.0, r["loop"] - max(compute, r["write"])) / r["write"])
                     drain.append(r["drain"])
+                    close.append(r["close"])
                 print(f"overlap at compute/write {ratio:g} ({1 / (ratio * per_image):.1f} images/s computed), "
                       f"{name}: median {np.median(hidden):.2f} of the smaller hidden (range {min(hidden):.2f}-"
                       f"{max(hidden):.2f}; ceiling {(n - 1) / n:.2f})" + (" (goal >= 0.9)" if background else ""))
                 print(f"  parts: producer stalls {np.median(stall):.1%} of the write time; drain at the end "
-                      f"{np.median(drain):.2f} s ({np.median(drain) / per_image:.1f} images' writes incl. the close)")
+                      f"{np.median(drain):.2f} s ({np.median(drain) / per_image:.1f} images' writes incl. the close, "
+                      f"{np.median(close):.2f} s)")
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return 0
