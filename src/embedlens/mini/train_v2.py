@@ -13,11 +13,12 @@
 Each example: the chat template's system turn and "<|im_start|>user\\n" (the *prefix*,
 identical in every example), the 64 image tokens, "\\n" + the item's prompt and the
 generation prompt, then the assistant answer + end-of-turn. Loss: next-token cross-entropy
-on the answer tokens only, averaged per example, then over the batch (`StageTrainer.loss_on`). Frozen vision features are
-computed once. The prefix's keys/values are computed once in stage 1 (nothing before the
-image is trained) and once per step, at batch 1 and with gradients, in stage 2 (LoRA
-changes them). Autocast dtype: `embedlens.mini.lora.autocast_dtype` (bf16 only on CPUs
-that multiply bf16 natively). Deterministic by ``seed`` for a given machine and thread count.
+on the answer tokens only, averaged per example, then over the batch
+(`StageTrainer.loss_on`). Frozen vision features are computed once. The prefix's
+keys/values are computed once in stage 1 (nothing before the image is trained) and once per
+step, at batch 1 and with gradients, in stage 2 (LoRA changes them). Autocast dtype:
+`embedlens.mini.lora.autocast_dtype` (bf16 only on CPUs that multiply bf16 natively).
+Deterministic by ``seed`` for a given machine and thread count.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import torch
 from embedlens.models import parts
 from embedlens.models.prompt import assistant_suffix, chat_prompt
 
-from .compose import MIN_PICTURES_PER_NAME
+from .compose import MC_HINT, MIN_PICTURES_PER_NAME
 from .lora import LORA_ALPHA, LORA_RANK, add_lora, autocast_dtype, n_lora_params, save_adapter
 from .train import _env_info, load_model, precompute_features, save_projector
 
@@ -336,7 +337,8 @@ def train_mini_v2(model_dir: Path | str, out_dir: Path | str, objects_dir: Path 
 
     counts: dict[str, int] = {}
     for _, it in flat:
-        key = f"{it.format}/{it.type}" + (" (hinted copy)" if it.question.startswith("Hint:") else "")
+        hinted = it.question.startswith(MC_HINT.partition("{")[0])
+        key = f"{it.format}/{it.type}" + (" (hinted copy)" if hinted else "")
         counts[key] = counts.get(key, 0) + 1
     timings["total_s"] = time.perf_counter() - t0
     log = {
