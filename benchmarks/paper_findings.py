@@ -55,7 +55,7 @@ def _row(c: pd.DataFrame, name: str, base: float, chance: float) -> str:
     if bool(r.nothing_removed):
         return f"{name}: nothing removed"
     delta = "" if pd.isna(r.delta) else f" (Δ {r.delta:+.2f} [{r.delta_ci_low:+.2f}, {r.delta_ci_high:+.2f}])"
-    return f"{name}: {r.accuracy:.2f}{delta}, {_kept(r.accuracy, base, chance)}, tokens {r.tokens_kept_frac:.0%}"
+    return f"{name}: {r.accuracy:.2f}{delta}, {_kept(r.accuracy, base, chance)}, tokens kept {r.tokens_kept_frac:.0%}"
 
 
 def _unmatched(unmatched: list[dict], a: str, b: str) -> str:

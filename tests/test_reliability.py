@@ -926,4 +926,17 @@ def test_help_lists_every_step_the_rules_run(capsys):
         step for step in used if not re.search(rf"^\s+{step}\s", listed, re.MULTILINE))
     with pytest.raises(SystemExit):
         main(["report", "--help"])
-    assert "--params" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "--params" in out and out.startswith("usage: embedlens report")
+
+    # a command's defaults are its function's: eval-model's own (a seed that overlapped the
+    # training images made the bare command fail)
+    import inspect
+
+    from embedlens.cli import build_parser
+    from embedlens.mini.evaluate import evaluate_model
+    from embedlens.mini.train import EVAL_DATA_SEED
+
+    args = build_parser().parse_args(["eval-model", "--out", "x.json"])
+    assert args.seed is None and args.n_items is None
+    assert inspect.signature(evaluate_model).parameters["seed"].default == EVAL_DATA_SEED

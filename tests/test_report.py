@@ -495,3 +495,30 @@ def test_compression_section_names_random_controls_that_are_not_size_matched():
     html = "".join(getattr(x, "_repr_html_", lambda: "")() for x in report.section_compression(inp))
     assert "<code>random_dead</code> is <b>not size-matched</b> to <code>prune_dead</code>: it removed 18.0" in html
     assert "random_sinks</code> is" not in html
+    # and the index's compression section, which lists the same conditions for every pair
+    from embedlens.report.summary import summary_compression
+
+    rows["flops_rel"] = rows["tokens_kept"] / 64.0
+    index = "".join(getattr(x, "_repr_html_", lambda: "")() or ""  # figures give None
+                    for x in summary_compression([{"model": "m", "dataset": "d", "compress": rows}]))
+    assert "m × d: <code>random_dead</code> is <b>not size-matched</b> to <code>prune_dead</code>" in index
+    assert "<code>random_keep_alive</code> is <b>not size-matched</b>" in index and "random_sinks</code> is" not in index
+
+
+def test_p_value_columns_are_never_rounded_to_zero():
+    """Every report table shows p-values as p-values: 0.000488 was printed "0" by the
+    compression table's two-decimal format (any column named "p" or "p (test)")."""
+    import pandas as pd
+
+    from embedlens.report.display import table
+
+    df = pd.DataFrame({"condition": ["a", "b", "c", "d", "e"],
+                       "p (McNemar)": [0.000488, 0.0018, 0.5, 1.0, float("nan")],
+                       "p (paired bootstrap)": [0.0, 0.04, 0.2, 0.9, 0.01],
+                       "accuracy": [0.000488, 0.5, 0.25, 1.0, 0.0]})
+    html = table(df, precision=2).to_html()
+    cells = re.findall(r"<td[^>]*>([^<]*)</td>", html)
+    rows = [cells[i:i + 4] for i in range(0, len(cells), 4)]
+    assert [r[1] for r in rows] == ["&lt; 0.001", "0.0018", "0.5", "1", ""]
+    assert [r[2] for r in rows] == ["&lt; 0.001", "0.04", "0.2", "0.9", "0.01"]
+    assert rows[0][3] == "0"  # other float columns keep their precision

@@ -123,7 +123,8 @@ def cmd_train_mini_v2(args) -> int:
 def cmd_eval_model(args) -> int:
     from .mini.evaluate import evaluate_model
 
-    evaluate_model(args.model_dir, n_items=args.n_items, seed=args.seed, out_json=args.out)
+    given = {k: v for k, v in (("n_items", args.n_items), ("seed", args.seed)) if v is not None}
+    evaluate_model(args.model_dir, out_json=args.out, **given)
     return 0
 
 
@@ -306,10 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     s.set_defaults(func=cmd_train_mini_v2)
 
-    s = sub.add_parser("eval-model", help="score held-out synthetic VQA items")
+    # No numeric defaults here: evaluate_model's (200 images of the model card's held-out
+    # seed) are the only ones, and it refuses seeds that overlap the training images.
+    s = sub.add_parser("eval-model", help="score held-out synthetic VQA items (the model card's v1 table)")
     s.add_argument("--model-dir", default="resources/models/embedlens-mini")
-    s.add_argument("--n-items", type=int, default=400)
-    s.add_argument("--seed", type=int, default=12345)
+    s.add_argument("--n-items", type=int, default=None, help="held-out images (default: the model card's 200)")
+    s.add_argument("--seed", type=int, default=None,
+                   help="synthetic seed of the held-out images (default: the model card's 999999)")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_eval_model)
     def analysis_parser(name, help_text, *, hidden=True, model_dir=False):

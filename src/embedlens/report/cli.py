@@ -16,7 +16,7 @@ from .render import DEFAULT_TEMPLATE_DIR, ReportError, render_report, render_sum
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (``report ...`` or ``summary ...``), render, return the exit status
     (0 written; 1 a cell or the export failed, the error printed to stderr)."""
-    p = argparse.ArgumentParser(prog="python -m embedlens.report", description="render EmbedLens reports")
+    p = argparse.ArgumentParser(prog="embedlens", description="render EmbedLens reports (also: python -m embedlens.report)")
     sub = p.add_subparsers(dest="what", required=True)
     helps = {"report": "render one model x data set report (papermill, then HTML)",
              "summary": "render the summary of all models and data sets (papermill, then HTML)"}

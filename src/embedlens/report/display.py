@@ -49,13 +49,16 @@ def md(text: str):
 
 def table(df: pd.DataFrame, *, caption: str | None = None, precision: int = 3, percent: Iterable[str] = (),
           index: bool = False):
-    """A compact HTML table (escaped cells; ``percent`` columns shown as %)."""
+    """A compact HTML table (escaped cells; ``percent`` columns shown as %; p-value columns,
+    named "p" or "p (test)", as `fmt_p`: never rounded to 0)."""
     df = df.copy()
     fmt: dict[str, Any] = {}
     pct = set(percent)
     for c in df.columns:
         if c in pct:
             fmt[c] = _fmt_pct
+        elif str(c) == "p" or str(c).startswith("p ("):
+            fmt[c] = lambda v: _html.escape(fmt_p(v))  # a formatter's output is not escaped by the Styler
         elif pd.api.types.is_float_dtype(df[c]):
             fmt[c] = lambda v, p=precision: _fmt_num(v, p)
     sty = df.style.format(fmt, escape="html", na_rep="")
@@ -72,6 +75,18 @@ def _fmt_pct(v: Any) -> str:
     except (TypeError, ValueError):
         return "" if v is None else str(v)
     return "" if not math.isfinite(v) else f"{100 * v:.1f} %"
+
+
+def fmt_p(v: Any) -> str:
+    """A p-value as text: two significant digits, "< 0.001" below 0.001 (a fixed number of
+    decimals would print 0.0005 as "0", a p-value no test gives)."""
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return "" if v is None else str(v)
+    if not math.isfinite(v):
+        return ""
+    return "< 0.001" if v < 0.001 else f"{v:.2g}"
 
 
 def _fmt_num(v: Any, precision: int = 3) -> str:

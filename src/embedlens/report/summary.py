@@ -176,7 +176,9 @@ def summary_compression(rows: Sequence[Mapping[str, Any]]) -> list:
     and prefill FLOPs (% of baseline) per condition and pair."""
     import seaborn as sns
 
-    recs = []
+    from embedlens.compress.aggregate import unmatched_random_controls
+
+    recs, notes = [], []
     for r in rows:
         c = r.get("compress")
         if c is None or c.empty or not {"condition", "op", "accuracy"} <= set(c):
@@ -185,6 +187,11 @@ def summary_compression(rows: Sequence[Mapping[str, Any]]) -> list:
         base = d[d["op"] == "baseline"]
         if base.empty:
             continue
+        # the per-pair report says so too; the index must not show these as plain controls
+        notes += [callout(f"{r['model']} × {r['dataset']}: `{u['control']}` is **not size-matched** to "
+                          f"`{u['condition']}` (removed {u['removed_control']:.1f} visual tokens per image vs "
+                          f"{u['removed_condition']:.1f}): the group is larger than the tokens outside it "
+                          "(docs/methods.md §4).", kind="note") for u in unmatched_random_controls(d)]
         b = float(base["accuracy"].iloc[0])
         for _, x in d.iterrows():
             if x["op"] == "baseline":
@@ -205,5 +212,5 @@ def summary_compression(rows: Sequence[Mapping[str, Any]]) -> list:
     ax.set_ylabel("condition")
     flops = df.pivot_table(index="condition", columns="pair", values="FLOPs (% of baseline)", aggfunc="mean")
     return [md("VQA accuracy of each condition minus the baseline's, in percentage points (negative = worse)."), fig,
-            md("Prefill FLOPs of each condition (% of the baseline):"),
+            *notes, md("Prefill FLOPs of each condition (% of the baseline):"),
             table(flops.round(1).reset_index(), precision=1)]
