@@ -262,6 +262,8 @@ def build_mini(out_dir: Path | str = DEFAULT_OUT_DIR, wheels_dir: Path | str = D
         import torch
         import transformers
 
+        from embedlens.models.prompt import chat_prompt
+
         meta = {
             "name": MODEL_NAME,
             "built": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -270,7 +272,8 @@ def build_mini(out_dir: Path | str = DEFAULT_OUT_DIR, wheels_dir: Path | str = D
             "vision_conversion": parts.get("vision"),
             "image_size": IMAGE_SIZE, "patch_size": PATCH_SIZE,
             "num_visual_tokens": NUM_VISUAL_TOKENS, "vision_feature_layer": VISION_FEATURE_LAYER,
-            "prompt_example": "<|im_start|>user\n<image>\nDescribe the image.<|im_end|>\n<|im_start|>assistant\n",
+            # from the processor's own template (it adds SmolLM2's system turn), not written by hand
+            "prompt_example": chat_prompt(processor, "Describe the image."),
             **info,
             "transformers_version": transformers.__version__, "torch_version": torch.__version__,
             "timings": {"parts": parts.get("timings"), "assemble_save_s": None},

@@ -419,7 +419,8 @@ def read_summary_outputs(entry: Mapping[str, Any]) -> dict[str, Any]:
         except Exception as exc:  # noqa: BLE001
             r["missing"]["compress"] = f"unreadable: {exc}"
     else:
-        r["missing"]["compress"] = "not run" if not entry.get("compress_dir") else miss.get("compress", "not run")
+        r["missing"]["compress"] = ("not run: the data set has no VQA items" if not entry.get("compress_dir")
+                                    else miss.get("compress", "not run"))
     bench = _read_benchmarks(entry.get("benchmarks_dir"), r["missing"])
     if bench is not None:
         r["benchmarks"] = bench[1]

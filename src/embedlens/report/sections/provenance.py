@@ -83,7 +83,8 @@ def mode_rows(inp: ReportInputs) -> list[tuple[str, Any]]:
     """Provenance rows: the mode, the image preprocessing, the vocabulary rows searched and
     the similarity dtype the numbers were produced with."""
     m = run_mode(inp)
-    pre = {"native": "native: the model's processor as it is (llava-hf's LLaVA-1.5 center-crops)",
+    pre = {"native": "native: the model's processor as it is (llava-hf's LLaVA-1.5 processor, for one, "
+                     "center-crops a non-square image)",
            "pad_square": "pad_square: padded to a square with the image processor's mean colour (LLaVA-1.5's "
                          "expand2square)"}.get(m["preprocess"], m["preprocess"])
     rows: list[tuple[str, Any]] = [
