@@ -69,35 +69,36 @@ def table(df: pd.DataFrame, *, caption: str | None = None, precision: int = 3, p
     return sty
 
 
-def _fmt_pct(v: Any) -> str:
+def _finite(v: Any) -> float | str:
+    """``v`` as a finite float, or the text a cell shows instead: "" for None, NaN and
+    infinities, ``str(v)`` for what is not a number."""
     try:
-        v = float(v)
+        f = float(v)
     except (TypeError, ValueError):
         return "" if v is None else str(v)
-    return "" if not math.isfinite(v) else f"{100 * v:.1f} %"
+    return f if math.isfinite(f) else ""
+
+
+def _fmt_pct(v: Any) -> str:
+    v = _finite(v)
+    return v if isinstance(v, str) else f"{100 * v:.1f} %"
 
 
 def fmt_p(v: Any) -> str:
     """A p-value as text: two significant digits, "< 0.001" below 0.001 (a fixed number of
     decimals would print 0.0005 as "0", a p-value no test gives)."""
-    try:
-        v = float(v)
-    except (TypeError, ValueError):
-        return "" if v is None else str(v)
-    if not math.isfinite(v):
-        return ""
+    v = _finite(v)
+    if isinstance(v, str):
+        return v
     return "< 0.001" if v < 0.001 else f"{v:.2g}"
 
 
 def _fmt_num(v: Any, precision: int = 3) -> str:
     """Numbers without float noise: integers as integers, else ``precision`` decimals
     (trailing zeros dropped), large values in general format."""
-    try:
-        v = float(v)
-    except (TypeError, ValueError):
-        return "" if v is None else str(v)
-    if not math.isfinite(v):
-        return ""
+    v = _finite(v)
+    if isinstance(v, str):
+        return v
     if v.is_integer() and abs(v) < 1e15:
         return str(int(v))
     if abs(v) >= 1e5:
