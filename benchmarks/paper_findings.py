@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from embedlens.compress.aggregate import unmatched_random_controls
+from embedlens.compress.aggregate import unmatched_note, unmatched_random_controls
 
 
 def _kept(acc: float, base: float, chance: float) -> str:
@@ -61,11 +61,7 @@ def _row(c: pd.DataFrame, name: str, base: float, chance: float) -> str:
 def _unmatched(unmatched: list[dict], a: str, b: str) -> str:
     """A warning when the random control ``b`` did not remove as many tokens as ``a``
     (``unmatched``: `embedlens.compress.aggregate.unmatched_random_controls` of the table)."""
-    for u in unmatched:
-        if u["control"] == b and u["condition"] == a:
-            return (f" (**not size-matched**: the control removed {u['removed_control']:.1f} tokens per image, "
-                    f"the condition {u['removed_condition']:.1f}; the group is larger than the tokens outside it)")
-    return ""
+    return "".join(f" ({unmatched_note(u)})" for u in unmatched if u["control"] == b and u["condition"] == a)
 
 
 def findings(model_dir: Path) -> list[str]:

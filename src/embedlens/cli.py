@@ -408,11 +408,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="the stand-in folder, e.g. results/benchmarks/data/pope")
     s.set_defaults(func=cmd_standins)
 
-    # Listed here so `embedlens --help` names every step; `main` hands them to the
-    # renderer's own parser (embedlens.report.cli) before this parser runs.
     for step in sub.choices.values():  # every step's help names its defaults
         step.formatter_class = _DefaultsShown
 
+    # Listed here so `embedlens --help` names every step; `main` hands them to the
+    # renderer's own parser (embedlens.report.cli) before this parser runs.
     for name, what in (("report", "a model x data set's HTML report"),
                        ("summary", "the HTML summary over all models and data sets")):
         sub.add_parser(name, add_help=False, help=f"render {what} from its notebook (options: embedlens {name} --help)")

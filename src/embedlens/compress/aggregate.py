@@ -192,3 +192,12 @@ def unmatched_random_controls(rows: pd.DataFrame) -> list[dict]:
                     out.append({"control": ctl.condition, "condition": cond.condition,
                                 "removed_control": removed_ctl, "removed_condition": removed_cond})
     return out
+
+
+def unmatched_note(u: dict) -> str:
+    """One sentence (markdown) naming an unmatched control of `unmatched_random_controls`,
+    with both counts: the report, the index and benchmarks/paper_findings.py say the same."""
+    return (f"`{u['control']}` is **not size-matched** to `{u['condition']}`: it removed "
+            f"{u['removed_control']:.1f} visual tokens per image, the condition {u['removed_condition']:.1f}; "
+            "the group is larger than the tokens outside it, from which the random control draws "
+            "(docs/methods.md §4)")

@@ -176,7 +176,7 @@ def summary_compression(rows: Sequence[Mapping[str, Any]]) -> list:
     and prefill FLOPs (% of baseline) per condition and pair."""
     import seaborn as sns
 
-    from embedlens.compress.aggregate import unmatched_random_controls
+    from embedlens.compress.aggregate import unmatched_note, unmatched_random_controls
 
     recs, notes = [], []
     for r in rows:
@@ -188,10 +188,8 @@ def summary_compression(rows: Sequence[Mapping[str, Any]]) -> list:
         if base.empty:
             continue
         # the per-pair report says so too; the index must not show these as plain controls
-        notes += [callout(f"{r['model']} × {r['dataset']}: `{u['control']}` is **not size-matched** to "
-                          f"`{u['condition']}` (removed {u['removed_control']:.1f} visual tokens per image vs "
-                          f"{u['removed_condition']:.1f}): the group is larger than the tokens outside it "
-                          "(docs/methods.md §4).", kind="note") for u in unmatched_random_controls(d)]
+        notes += [callout(f"{r['model']} × {r['dataset']}: {unmatched_note(u)}.", kind="note")
+                  for u in unmatched_random_controls(d)]
         b = float(base["accuracy"].iloc[0])
         for _, x in d.iterrows():
             if x["op"] == "baseline":

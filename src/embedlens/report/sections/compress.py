@@ -76,14 +76,11 @@ def section_compression(inp: ReportInputs) -> list:
     if not len(base):
         out.append(callout("compression deltas: no baseline condition in the table"))
     out.append(table(tab, percent=[x for x in ("tokens kept", "prefill FLOPs (rel.)") if x in tab], precision=2))
-    from embedlens.compress.aggregate import unmatched_random_controls
+    from embedlens.compress.aggregate import unmatched_note, unmatched_random_controls
 
     for u in unmatched_random_controls(d):
-        out.append(callout(f"`{u['control']}` is **not size-matched** to `{u['condition']}`: it removed "
-                           f"{u['removed_control']:.1f} visual tokens per image, the condition "
-                           f"{u['removed_condition']:.1f}. The group is larger than the tokens outside it, from which "
-                           "the random control draws, so it removed those instead (docs/methods.md §4): read it as "
-                           "\"remove the other tokens\", not as a random control of the same size.", kind="note"))
+        out.append(callout(f"{unmatched_note(u)}: read it as \"remove the other tokens\", not as a random control "
+                           "of the same size.", kind="note"))
     xs = [x for x in ("flops_rel", "latency_ms") if x in d and np.isfinite(d[x].astype(float)).any()]
     if xs:
         ops = list(dict.fromkeys(d["op"]))
